@@ -1,0 +1,139 @@
+"""python -m bench [--quick] [--out results.json] [--workdir DIR] [--keep]
+
+Generates the corpora in a fresh folder under --workdir, runs every measurement in
+MEASUREMENTS on every corpus, prints one markdown table and optionally writes JSON.
+
+Example: python -m bench --quick --out /tmp/quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pydicom
+
+from . import corpus
+from .limits import measure_limits
+from .results import Measurement, make_row, markdown_table, write_json
+
+LOGGER = logging.getLogger("bench")
+
+# Every measurement runs on every corpus, in this order. bench/service.py adds its
+# measure_service(corpus, paths, scratch) -> rows by appending to this list.
+MEASUREMENTS: list[Measurement] = [measure_limits]
+
+
+@dataclass(frozen=True)
+class Plan:
+    small_count: int
+    large_sizes: tuple[int, ...]
+    corpora: tuple[str, ...] = ("small", "real", "large")
+
+
+QUICK = Plan(small_count=1_000, large_sizes=(20_000_000,) * 2)
+FULL = Plan(small_count=20_000, large_sizes=(300_000_000,) * 3 + (2 << 30,))
+
+
+def make_corpus(name: str, plan: Plan, dest: Path, meta: dict) -> list[Path]:
+    if name == "small":
+        return corpus.make_small(dest, plan.small_count)
+    if name == "real":
+        survey = corpus.survey_testdata()
+        meta["real_corpus"] = survey.summary()
+        return corpus.make_real(dest, survey)
+    if name == "large":
+        return corpus.make_large(dest, plan.large_sizes)
+    raise ValueError(f"unknown corpus {name!r}; choose from small, real, large")
+
+
+def generate_corpora(plan: Plan, root: Path, meta: dict) -> tuple[dict[str, list[Path]], list[dict]]:
+    """Write each corpus under root/<name>; one "generate" row each (time includes sync)."""
+    corpora, rows = {}, []
+    for name in plan.corpora:
+        started = time.perf_counter()
+        paths = make_corpus(name, plan, root / name, meta)
+        os.sync()
+        seconds = time.perf_counter() - started
+        if name in ("small", "large"):
+            corpus.check_native_pixel_data(max(paths, key=lambda p: p.stat().st_size))
+        size = sum(p.stat().st_size for p in paths)
+        rows.append(make_row(name, "generate", files=len(paths), bytes_=size, seconds=seconds))
+        corpora[name] = paths
+    return corpora, rows
+
+
+def run_measurements(corpora: dict[str, list[Path]], scratch: Path,
+                     measurements: list[Measurement]) -> list[dict]:
+    rows = []
+    for measure in measurements:
+        for name, paths in corpora.items():
+            LOGGER.info("%s on %s (%d files)", measure.__name__, name, len(paths))
+            rows.extend(measure(name, paths, scratch))
+    return rows
+
+
+def describe_host(workdir: Path) -> dict:
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    resolved = str(workdir.resolve())
+    mount = max((m for m in mounts if resolved.startswith(m[1].rstrip("/") + "/") or resolved == m[1]),
+                key=lambda m: len(m[1]), default=None)
+    return {
+        "python": platform.python_version(), "pydicom": pydicom.__version__,
+        "kernel": platform.release(), "cpus": os.cpu_count(),
+        "filesystem": f"{mount[2]} at {mount[1]} ({mount[3]})" if mount else "unknown",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--quick", action="store_true", help="small corpora, about a minute")
+    parser.add_argument("--out", type=Path, help="write {meta, rows} as JSON here")
+    parser.add_argument("--workdir", type=Path, default=Path("/work") if Path("/work").is_dir() else None,
+                        help="parent of the temporary corpus folder (same disk as the archive)")
+    parser.add_argument("--corpora", default=None, help="comma-separated subset of small,real,large")
+    parser.add_argument("--small-count", type=int, default=None, help="instances in the small corpus")
+    parser.add_argument("--keep", action="store_true", help="keep the corpus folder afterwards")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # real test files are noisy on purpose
+    plan = QUICK if args.quick else FULL
+    if args.corpora:
+        plan = replace(plan, corpora=tuple(args.corpora.split(",")))
+    if args.small_count is not None:
+        plan = replace(plan, small_count=args.small_count)
+    root = Path(tempfile.mkdtemp(prefix="dicom-bench-", dir=args.workdir))
+    meta = {"quick": args.quick, "workdir": str(root), **describe_host(root)}
+    try:
+        corpora, rows = generate_corpora(plan, root / "corpora", meta)
+        rows += run_measurements(corpora, root / "scratch", MEASUREMENTS)
+    finally:
+        if args.keep:
+            LOGGER.info("corpora kept in %s", root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    caches = sorted({row["cache"] for row in rows if row["cache"] != "n/a"})
+    meta["page_cache"] = caches
+    print(markdown_table(rows))
+    print(f"\npage cache before each measurement: {', '.join(caches) or 'n/a'} "
+          f"(cold = sync + drop_caches succeeded); MB = 10^6 bytes; real corpus: {meta.get('real_corpus')}")
+    if args.out:
+        write_json(args.out, rows, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Find the files in the drop folder: a full listing (what is there) and
+watchdog events (when to look). The event handler only hands paths on.
+"""
+
+import fnmatch
+import logging
+import os
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+
+LOGGER = logging.getLogger(__name__)
+
+
+def is_ignored(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def scan(drop_dir: Path, ignore=()):
+    """Yield (path, lstat) for every file below ``drop_dir``, links and FIFOs included.
+
+    Folders are entered but never through a link; ignored names (files or
+    folders) are skipped.
+    """
+    stack = [str(drop_dir)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as exc:
+            LOGGER.warning("cannot list %s: %s", folder, exc.strerror)
+            continue
+        for entry in entries:
+            if is_ignored(entry.name, ignore):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    yield Path(entry.path), entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+
+
+class Handler(FileSystemEventHandler):
+    """Hands every event's path to ``notify(path, done)``; ``done`` when the
+    writer closed the file or it was renamed into place."""
+
+    def __init__(self, notify, on_overflow=None):
+        self.notify = notify
+        self.on_overflow = on_overflow
+
+    def on_any_event(self, event):
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write", "deleted"):
+            return
+        if event.is_directory:
+            if kind in ("created", "moved") and self.on_overflow:
+                self.on_overflow()  # a folder moved in brings files no event will announce
+            return
+        path = event.dest_path if kind == "moved" else event.src_path
+        self.notify(os.fsdecode(path), kind in ("closed", "moved"))

@@ -1,0 +1,157 @@
+"""One file through the stages: open, validate, store, record, dispose.
+
+``ingest`` is the only place that decides what an exception means for a file:
+``Rejected`` moves it to the rejected folder, ``NotReady`` leaves it for later
+(or rejects it once it has stayed incomplete long enough), a vanished file
+is noted, trouble with the archive disk or the database (``Unavailable``)
+stops the caller without touching the file, and anything else is retried a
+few times before the file is rejected as ``error``.
+"""
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import peewee
+
+from . import archive, catalog, dispose
+from .config import Config
+from .errors import NotReady, Rejected, Unavailable
+from .source import Source
+from .validate import validate
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outcome: str  # imported, duplicate, dicomdir, rejected, pending, retry, vanished
+    source: str
+    sop_instance_uid: str | None = None
+    sha256: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    ms: float = 0.0
+
+
+def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1) -> Outcome:
+    """Import one file of the drop folder.
+
+    ``final``: the file has not changed for ``incomplete_seconds``, so if it is
+    still incomplete it never will be complete: reject it.
+    ``attempt``: how many times an unexpected error has been met for it so far, plus one.
+    """
+    started = time.monotonic()
+    rel = os.path.relpath(path, config.watch.drop_dir)
+    try:
+        outcome = _decide(Path(path), rel, config, final, attempt)
+    except Exception as exc:  # the decision itself could not be carried out
+        if _is_unavailable(exc):
+            raise Unavailable(str(exc)) from exc
+        if not os.path.lexists(path):
+            outcome = Outcome("vanished", rel, detail="removed by someone else before it was imported")
+        else:
+            LOGGER.warning("retry %s: %s: %s", rel, type(exc).__name__, exc, exc_info=attempt == 1)
+            outcome = Outcome("retry", rel, detail=f"{type(exc).__name__}: {exc}")
+    outcome = _timed(outcome, started)
+    _log(outcome)
+    return outcome
+
+
+def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int) -> Outcome:
+    try:
+        return _ingest(path, rel, config)
+    except Rejected as exc:
+        return _reject(path, rel, exc.reason, exc.detail, config)
+    except NotReady as exc:
+        if not final:
+            return Outcome("pending", rel, detail=exc.detail)
+        detail = f"{exc.detail}; it has not changed since"
+        return _reject(path, rel, exc.reason, detail, config)
+    except Exception as exc:
+        if _is_unavailable(exc) or not os.path.lexists(path) or attempt < config.import_.attempts:
+            raise
+        LOGGER.error("giving up on %s after %d attempts", rel, attempt, exc_info=True)
+        detail = f"{type(exc).__name__}: {exc} (failed {attempt} times; see the log)"
+        return _reject(path, rel, "error", detail, config)
+
+
+def _ingest(path: Path, rel: str, config: Config) -> Outcome:
+    node, creator = config.import_.node, config.import_.creator
+    with Source(str(path)) as source:
+        info = validate(source)
+        if info.is_dicomdir:
+            _require_unchanged(source)
+            catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
+                                 detail="a DICOMDIR: the index of a disc, not an instance")
+            outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
+        else:
+            stored = archive.store_original(source, config.archive.dir)
+            try:
+                _require_unchanged(source)
+                result = catalog.record_instance(info, stored, rel, creator, node)
+            except (Rejected, NotReady):
+                archive.remove(config.archive.dir, stored)
+                raise
+            outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
+    dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
+    return outcome
+
+
+def _require_unchanged(source: Source) -> None:
+    if source.changed():
+        raise NotReady("the file changed while it was being imported")
+
+
+def _reject(path, rel: str, reason: str, detail: str, config: Config) -> Outcome:
+    """Record the rejection, then move the file to the rejected folder; never delete it."""
+    sha256, size = _fingerprint(path)
+    dest = dispose.free_path(config.archive.rejected_dir, rel)
+    catalog.record_rejection(rel, reason, detail, dest, sha256, size, config.import_.node)
+    try:
+        dispose.move(Path(path), dest)
+    except OSError:
+        catalog.forget_rejection(dest)
+        raise
+    return Outcome("rejected", rel, sha256=sha256, reason=reason, detail=detail)
+
+
+def _fingerprint(path):
+    """sha256 and size of a regular file we can read; (None, None) otherwise."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None, None
+        return archive.sha256_of(path), st.st_size
+    except OSError:
+        return None, None
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Trouble that is not the file's fault: wait and try again, leave the file alone."""
+    if isinstance(exc, Unavailable):
+        return True
+    if isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _timed(outcome: Outcome, started: float) -> Outcome:
+    ms = (time.monotonic() - started) * 1000
+    return Outcome(outcome.outcome, outcome.source, outcome.sop_instance_uid, outcome.sha256,
+                   outcome.reason, outcome.detail, round(ms, 1))
+
+
+def _log(o: Outcome) -> None:
+    if o.outcome in ("pending",):
+        LOGGER.debug("pending %s: %s", o.source, o.detail)
+        return
+    if o.outcome == "retry":
+        return
+    level = logging.WARNING if o.outcome == "rejected" else logging.INFO
+    LOGGER.log(level, "%s %r uid=%s%s %.1f ms", o.outcome, o.source, o.sop_instance_uid or "-",
+               f" reason={o.reason} ({o.detail})" if o.reason else "", o.ms)

@@ -1,0 +1,57 @@
+"""The one-shot scan: import everything in the drop folder now, then return a summary."""
+
+import collections
+import logging
+import time
+
+from . import detect, dispose, settle
+from .config import Config
+from .errors import Unavailable
+from .pipeline import ingest
+
+LOGGER = logging.getLogger(__name__)
+
+
+def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep) -> dict:
+    """Process the drop folder until nothing is left but files still incomplete.
+
+    Files still settling are waited for. Incomplete files are left (pending)
+    unless they stayed unchanged for ``incomplete_seconds`` — or, with
+    ``final``, for ``settle_seconds``: the folder is known to be at rest.
+    """
+    w = config.watch
+    counts = collections.Counter()
+    attempts = collections.Counter()
+    done_with, pending = set(), set()
+    while True:
+        waits = []
+        for path, st in detect.scan(w.drop_dir, w.ignore):
+            signature = (path, st.st_size, st.st_ctime_ns)
+            if signature in done_with:
+                continue
+            now = clock()
+            wait = settle.wait_seconds(st, now, w.settle_seconds)
+            if wait > 0:
+                waits.append(wait)
+                continue
+            is_final = settle.is_final(st, now, w.settle_seconds if final else w.incomplete_seconds)
+            attempts[path] += 1
+            try:
+                outcome = ingest(path, config, final=is_final, attempt=attempts[path])
+            except Unavailable as exc:
+                LOGGER.error("stopping: %s", exc)
+                raise
+            if outcome.outcome == "retry":
+                waits.append(0.5)
+            elif outcome.outcome == "pending":
+                pending.add(path)
+                done_with.add(signature)
+            else:
+                counts[outcome.outcome] += 1
+        if not waits:
+            break
+        sleep(min(max(min(waits), 0.05), 1.0))
+    while dispose.prune_empty_dirs(w.drop_dir, w.settle_seconds, clock()):
+        sleep(0.2)
+    counts["pending"] = sum(1 for p in pending if p.exists())
+    return dict(counts)

@@ -1,0 +1,66 @@
+"""Check the archive against the database: every row has its file with its hash, every file a row."""
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import archive
+from .models import Instance
+
+ORPHAN_AGE = 3600  # younger unreferenced files may belong to an import in progress
+
+
+@dataclass
+class Findings:
+    checked: int = 0
+    missing: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)
+    orphans: list = field(default_factory=list)
+    temporary: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.mismatched)
+
+    def as_dict(self) -> dict:
+        return {"checked": self.checked, "missing": self.missing, "mismatched": self.mismatched,
+                "orphans": self.orphans, "temporary": self.temporary, "ok": self.ok}
+
+
+def verify(archive_dir: Path, rehash: bool = True) -> Findings:
+    found = Findings()
+    referenced = set()
+    for stored_path, sha in Instance.select(Instance.stored_path, Instance.sha256).tuples().iterator():
+        referenced.add(stored_path)
+        found.checked += 1
+        path = archive_dir / stored_path
+        if not path.exists():
+            found.missing.append(stored_path)
+        elif rehash and archive.sha256_of(path) != sha:
+            found.mismatched.append(stored_path)
+    for root, dirs, files in os.walk(archive_dir):
+        rel_root = os.path.relpath(root, archive_dir)
+        for name in files:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if rel_root.split("/")[0] == archive.TMP:
+                found.temporary.append(rel)
+            elif rel not in referenced:
+                found.orphans.append(rel)
+    return found
+
+
+def repair(archive_dir: Path, findings: Findings, min_age: float = ORPHAN_AGE) -> list[str]:
+    """Remove orphans and leftover temporary files old enough not to belong to a running import."""
+    removed = []
+    now = time.time()
+    for rel in findings.orphans + findings.temporary:
+        path = archive_dir / rel
+        try:
+            if now - path.stat().st_mtime >= min_age and not Instance.select().where(
+                    Instance.stored_path == rel).exists():
+                path.unlink()
+                removed.append(rel)
+        except FileNotFoundError:
+            pass
+    return removed
