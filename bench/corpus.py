@@ -87,6 +87,7 @@ class TestdataSurvey:
     kept: list[Path] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     sop_instance_uids: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    meta_uid_mismatches: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         shared = {uid: names for uid, names in self.sop_instance_uids.items() if len(names) > 1}
@@ -96,6 +97,7 @@ class TestdataSurvey:
             "distinct_sop_instance_uids": len(self.sop_instance_uids) - ("" in self.sop_instance_uids),
             "without_sop_instance_uid": len(self.sop_instance_uids.get("", [])),
             "files_sharing_a_sop_instance_uid": sum(len(names) for names in shared.values()),
+            "media_storage_uid_differs": len(self.meta_uid_mismatches),
         }
 
 
@@ -103,19 +105,19 @@ def _relative_name(path: Path) -> str:
     return str(path.relative_to(TESTDATA_ROOT)) if path.is_relative_to(TESTDATA_ROOT) else path.name
 
 
-def _skip_reason(path: Path, include_dicomdir: bool) -> tuple[str | None, str]:
-    """(reason to skip or None, SOP Instance UID)."""
+def _skip_reason(path: Path, include_dicomdir: bool) -> tuple[str | None, str, str]:
+    """(reason to skip or None, SOP Instance UID, Media Storage SOP Instance UID)."""
     if any(marker in path.name.lower() for marker in BROKEN_NAME_MARKERS):
-        return "deliberately broken (name)", ""
+        return "deliberately broken (name)", "", ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path)
     except Exception as exc:  # anything dcmread refuses is not part of the corpus
-        return f"dcmread fails: {type(exc).__name__}", ""
+        return f"dcmread fails: {type(exc).__name__}", "", ""
     if not include_dicomdir and ds.file_meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
-        return "DICOMDIR (an index, not an instance)", ""
-    return None, str(ds.get("SOPInstanceUID", ""))
+        return "DICOMDIR (an index, not an instance)", "", ""
+    return None, str(ds.get("SOPInstanceUID", "")), str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
 
 
 def survey_testdata(include_dicomdir: bool = False) -> TestdataSurvey:
@@ -125,7 +127,7 @@ def survey_testdata(include_dicomdir: bool = False) -> TestdataSurvey:
         name = _relative_name(path)
         if not path.is_file():
             continue
-        reason, sop_uid = _skip_reason(path, include_dicomdir)
+        reason, sop_uid, meta_uid = _skip_reason(path, include_dicomdir)
         if reason is None:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest in first_by_hash:
@@ -137,6 +139,8 @@ def survey_testdata(include_dicomdir: bool = False) -> TestdataSurvey:
             continue
         survey.kept.append(path)
         survey.sop_instance_uids[sop_uid].append(name)
+        if sop_uid and sop_uid != meta_uid:
+            survey.meta_uid_mismatches.append(name)
     return survey
 
 

@@ -31,19 +31,29 @@ class Signature:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+def _special() -> Rejected:
+    return Rejected("special-file", "not a regular file (FIFO, socket or device); "
+                    "only regular files can be imported")
+
+
 class Source:
     """An open regular file from the drop folder. Use as a context manager."""
 
     def __init__(self, path: str):
         self.path = path
         try:
-            if stat.S_ISLNK(os.lstat(path).st_mode):
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
                 raise Rejected("symlink", "a symbolic link; links are never followed, "
                                "copy the file itself into the drop folder")
+            if not stat.S_ISREG(mode):
+                raise _special()
             self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise Rejected("symlink", "a symbolic link; links are never followed") from None
+            if exc.errno in (errno.ENXIO, errno.ENODEV):
+                raise _special() from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise Rejected("unreadable", f"cannot open: {exc.strerror}; "
                                "give the watcher's user read permission") from None
@@ -51,8 +61,7 @@ class Source:
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
-            raise Rejected("special-file", "not a regular file (FIFO, socket or device); "
-                           "only regular files can be imported")
+            raise _special()
         self.signature = Signature.of(st)
         self.size = st.st_size
         self.whole: bytes | None = None

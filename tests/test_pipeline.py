@@ -1,0 +1,180 @@
+"""ingest(): a dropped file becomes a verified original and a row, or a kept, explained rejection."""
+
+import hashlib
+import os
+import socket
+
+from dicomfiles import bundled, ct, write, write_bare
+from watcher import archive
+from watcher.models import Event, Instance, Rejection, Series, Study
+from watcher.pipeline import ingest
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_imports_original_bytes_and_removes_source(config):
+    src = write(config.watch.drop_dir / "a.dcm")
+    original = src.read_bytes()
+    outcome = ingest(src, config)
+    assert outcome.outcome == "imported"
+    assert not src.exists()
+    row = Instance.get()
+    stored = config.archive.dir / row.stored_path
+    assert stored.read_bytes() == original
+    assert row.sha256 == hashlib.sha256(original).hexdigest()
+    assert row.creator == "folder-scanner" and row.source == "a.dcm" and row.node == "test-node"
+    assert Event.get().outcome == "imported"
+
+
+def test_study_series_and_patient_attributes_are_recorded(config):
+    ds = ct(patient_id="PX", Modality="PT", StudyDescription="FDG whole body")
+    ingest(write(config.watch.drop_dir / "p.dcm", ds), config)
+    series = Series.get()
+    assert series.modality == "PT" and series.series_number == 2
+    assert series.study.description == "FDG whole body"
+    assert series.study.patient.patient_id == "PX" and series.study.patient.name == "Müller^Anna"
+
+
+def test_duplicate_with_same_bytes_is_a_no_op(config):
+    src = write(config.watch.drop_dir / "a.dcm")
+    data = src.read_bytes()
+    ingest(src, config)
+    again = config.watch.drop_dir / "again" / "copy.dcm"
+    again.parent.mkdir()
+    again.write_bytes(data)
+    outcome = ingest(again, config)
+    assert outcome.outcome == "duplicate"
+    assert not again.exists()
+    assert Instance.select().count() == 1
+    assert [e.outcome for e in Event.select().order_by(Event.id)] == ["imported", "duplicate"]
+
+
+def test_same_uid_with_other_bytes_is_a_conflict_and_first_stays(config):
+    ds = ct()
+    first = write(config.watch.drop_dir / "first.dcm", ds)
+    first_sha = sha(first)
+    ingest(first, config)
+    ds.InstitutionName = "transcoded elsewhere"
+    second = write(config.watch.drop_dir / "second.dcm", ds)
+    second_sha = sha(second)
+    outcome = ingest(second, config)
+    assert outcome.outcome == "rejected" and outcome.reason == "conflict"
+    assert first_sha in outcome.detail and second_sha in outcome.detail
+    assert Instance.get().sha256 == first_sha
+    kept = config.archive.rejected_dir / "second.dcm"
+    assert sha(kept) == second_sha
+    assert not (config.archive.dir / archive.content_path(second_sha)).exists()
+
+
+def test_rejected_file_is_kept_byte_identical_with_reason(config):
+    junk = config.watch.drop_dir / "cd" / "AUTORUN.INF"
+    junk.parent.mkdir()
+    junk.write_bytes(b"[autorun]\nopen=viewer.exe\n" * 10)
+    data = junk.read_bytes()
+    outcome = ingest(junk, config)
+    assert outcome.reason == "not-dicom"
+    kept = config.archive.rejected_dir / "cd" / "AUTORUN.INF"
+    assert kept.read_bytes() == data
+    r = Rejection.get()
+    assert (r.source, r.reason, r.path, r.sha256) == ("cd/AUTORUN.INF", "not-dicom", str(kept),
+                                                      hashlib.sha256(data).hexdigest())
+    assert "DICM" in r.detail
+
+
+def test_same_name_rejected_twice_keeps_both(config):
+    for _ in range(2):
+        junk = config.watch.drop_dir / "README.TXT"
+        junk.write_text("x" * 200)
+        ingest(junk, config)
+    names = sorted(p.name for p in config.archive.rejected_dir.iterdir())
+    assert names == ["README.TXT", "README.TXT.1"]
+    assert Rejection.select().count() == 2
+
+
+def test_dicomdir_is_recorded_and_disposed_not_imported(config):
+    src = config.watch.drop_dir / "DICOMDIR"
+    src.write_bytes(bundled("DICOMDIR").read_bytes())
+    outcome = ingest(src, config)
+    assert outcome.outcome == "dicomdir"
+    assert not src.exists()
+    assert Instance.select().count() == 0
+    assert Event.get().outcome == "dicomdir"
+
+
+def test_symlink_is_rejected_and_its_target_untouched(config, tmp_path):
+    target = write(tmp_path / "outside" / "real.dcm")
+    before = target.read_bytes()
+    link = config.watch.drop_dir / "link.dcm"
+    link.symlink_to(target)
+    outcome = ingest(link, config)
+    assert outcome.reason == "symlink"
+    assert target.read_bytes() == before
+    moved = config.archive.rejected_dir / "link.dcm"
+    assert moved.is_symlink() and os.readlink(moved) == str(target)
+    assert Instance.select().count() == 0
+
+
+def test_dangling_and_folder_symlinks_are_rejected(config, tmp_path):
+    (config.watch.drop_dir / "dangling").symlink_to(tmp_path / "nothing")
+    (config.watch.drop_dir / "folder").symlink_to(tmp_path)
+    for name in ("dangling", "folder"):
+        assert ingest(config.watch.drop_dir / name, config).reason == "symlink"
+    assert (tmp_path / "drop").exists()
+
+
+def test_fifo_and_socket_are_special_files(config):
+    fifo = config.watch.drop_dir / "pipe"
+    os.mkfifo(fifo)
+    assert ingest(fifo, config).reason == "special-file"
+    sock_path = config.watch.drop_dir / "s"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        assert ingest(sock_path, config).reason == "special-file"
+
+
+def test_unicode_space_and_nested_names(config):
+    names = ["Ünïcödé ñame.dcm", "with space/and more/IMG 1", "a/b/c/d/e/f/IMG00001", "-leading.dcm"]
+    for name in names:
+        write(config.watch.drop_dir / name)
+    for name in names:
+        assert ingest(config.watch.drop_dir / name, config).outcome == "imported"
+    assert sorted(i.source for i in Instance.select()) == sorted(names)
+
+
+def test_preamble_less_dataset_is_imported_as_is(config):
+    src = write_bare(config.watch.drop_dir / "DICOM" / "IMG00001")
+    data = src.read_bytes()
+    assert ingest(src, config).outcome == "imported"
+    assert (config.archive.dir / Instance.get().stored_path).read_bytes() == data
+
+
+def test_young_incomplete_file_stays_pending_then_is_rejected_as_truncated(config):
+    full = write(config.archive.dir.parent / "full.dcm")
+    part = config.watch.drop_dir / "part.dcm"
+    part.write_bytes(full.read_bytes()[:300])
+    assert ingest(part, config).outcome == "pending"
+    assert part.exists() and Rejection.select().count() == 0
+    outcome = ingest(part, config, final=True)
+    assert outcome.reason == "truncated"
+    assert (config.archive.rejected_dir / "part.dcm").stat().st_size == 300
+
+
+def test_move_on_success_keeps_a_copy_in_done_dir(tmp_path, db_url):
+    from conftest import make_config
+    from watcher import models
+    cfg = make_config(tmp_path, db_url, archive={"on_success": "move", "done_dir": "done"})
+    models.connect(cfg.database.url)
+    src = write(cfg.watch.drop_dir / "x" / "a.dcm")
+    data = src.read_bytes()
+    assert ingest(src, cfg).outcome == "imported"
+    assert (tmp_path / "done" / "x" / "a.dcm").read_bytes() == data
+
+
+def test_study_shared_by_many_instances_is_one_row(config):
+    study, series = "1.2.3.4", "1.2.3.4.5"
+    for i in range(5):
+        ingest(write(config.watch.drop_dir / f"{i}.dcm", study_uid=study, series_uid=series), config)
+    assert Study.select().count() == 1 and Series.select().count() == 1
+    assert Instance.select().count() == 5
