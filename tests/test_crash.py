@@ -1,0 +1,83 @@
+"""A crash at any step loses nothing and duplicates nothing: the next scan completes the work.
+
+Each test runs a real scan in a subprocess that SIGKILLs itself at one chosen
+step, then runs a normal scan and checks every dropped file is accounted for
+exactly once, byte for byte.
+"""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_config_file
+from dicomfiles import write
+from watcher.cli import cli
+
+# The subprocess patches one function so that the process kills itself with
+# SIGKILL when it gets there: a real crash, at a known instant.
+CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    import watcher.{module} as target
+    original = target.{function}
+    def crash(*args, **kwargs):
+        if {after}:
+            original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    target.{function} = crash
+    from watcher.cli import cli
+    cli(["scan", "--final", "--config", sys.argv[1]])
+""")
+
+STEPS = {
+    "original written, before its rename": ("archive", "fsync_dir", False),
+    "stored, before commit": ("catalog", "record_instance", False),
+    "committed, before the source is removed": ("dispose", "remove_source", False),
+    "source removed, before anything else": ("dispose", "remove_source", True),
+    "rejection recorded, before the move": ("dispose", "move", False),
+}
+
+
+def crash_at(config_path, module, function, after):
+    code = CRASHER.format(module=module, function=function, after=after)
+    proc = subprocess.run([sys.executable, "-c", code, str(config_path)], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def run_cli(config_path, *args):
+    result = CliRunner().invoke(cli, [args[0], "--config", str(config_path), *args[1:]])
+    return result
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
+    cfg = write_config_file(tmp_path, db_url)
+    drop = tmp_path / "drop"
+    files = {f"img{i}.dcm": write(drop / f"img{i}.dcm").read_bytes() for i in range(3)}
+    files["junk.txt"] = b"not dicom " * 30
+    (drop / "junk.txt").write_bytes(files["junk.txt"])
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+    crash_at(cfg, *STEPS[step])
+    result = run_cli(cfg, "scan", "--final")
+    assert result.exit_code == 0, result.output
+
+    assert list(drop.iterdir()) == []
+    listed = json.loads(run_cli(cfg, "list", "--json").output)
+    rejects = json.loads(run_cli(cfg, "rejects", "--json").output)
+    assert sorted(i["source"] for i in listed) == ["img0.dcm", "img1.dcm", "img2.dcm"]
+    assert [r["source"] for r in rejects] == ["junk.txt"]
+    for i in listed:
+        assert Path(i["stored_path"]).read_bytes() == files[i["source"]]
+    assert hashlib.sha256(Path(rejects[0]["path"]).read_bytes()).hexdigest() == hashes["junk.txt"]
+    verify = run_cli(cfg, "verify", "--json")
+    assert verify.exit_code == 0
+    report = json.loads(verify.output)
+    assert report["missing"] == [] and report["mismatched"] == []
