@@ -11,7 +11,7 @@ import logging
 from peewee import IntegrityError
 
 from .errors import Rejected
-from .models import Event, Instance, Patient, Rejection, Series, Study, database
+from .models import Event, Instance, Patient, Rejection, Series, Study, write_transaction
 
 LOGGER = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def record_instance(info, stored, source: str, creator: str, node: str) -> str:
     """Commit an instance; returns ``imported`` or ``duplicate``, raises ``Rejected('conflict')``."""
     for attempt in range(3):
         try:
-            with database.atomic():
+            with write_transaction():
                 return _record_instance(info, stored, source, creator, node)
         except IntegrityError:
             if attempt == 2:
@@ -91,7 +91,7 @@ def record_rejection(source, reason, detail, path, sha256, size, node) -> None:
     Keyed by that path: if we crash before the move, the next attempt picks
     the same free path and overwrites this row instead of adding another.
     """
-    with database.atomic():
+    with write_transaction():
         Rejection.delete().where(Rejection.path == str(path)).execute()
         Rejection.insert(source=source, reason=reason, detail=detail, path=str(path),
                          sha256=sha256, size=size, node=node).execute()

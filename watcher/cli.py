@@ -72,6 +72,25 @@ def scan(config_path, final):
 
 @cli.command()
 @config_option
+def run(config_path):
+    """Run the service: watch the drop folder and import files as they complete.
+
+    Stops cleanly on SIGTERM or SIGINT. Example: dicom-watcher run --config etc/watcher.toml
+    """
+    import signal
+    import threading
+
+    from .service import run as run_service
+    config = _open(config_path)
+    config.watch.drop_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_service(config, stop)
+
+
+@cli.command()
+@config_option
 @json_option
 def status(config_path, as_json):
     """Counts, and each watcher node's heartbeat.

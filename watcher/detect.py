@@ -46,19 +46,20 @@ def scan(drop_dir: Path, ignore=()):
 
 class Handler(FileSystemEventHandler):
     """Hands every event's path to ``notify(path, done)``; ``done`` when the
-    writer closed the file or it was renamed into place."""
+    writer closed the file or it was renamed into place. A folder created or
+    moved in is handed to ``look_into(folder)``."""
 
-    def __init__(self, notify, on_overflow=None):
+    def __init__(self, notify, look_into):
         self.notify = notify
-        self.on_overflow = on_overflow
+        self.look_into = look_into
 
     def on_any_event(self, event):
         kind = event.event_type
         if kind in ("opened", "closed_no_write", "deleted"):
             return
         if event.is_directory:
-            if kind in ("created", "moved") and self.on_overflow:
-                self.on_overflow()  # a folder moved in brings files no event will announce
+            if kind in ("created", "moved"):  # its files may come with no event of their own
+                self.look_into(os.fsdecode(event.dest_path if kind == "moved" else event.src_path))
             return
         path = event.dest_path if kind == "moved" else event.src_path
         self.notify(os.fsdecode(path), kind in ("closed", "moved"))

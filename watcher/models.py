@@ -124,6 +124,18 @@ class Heartbeat(BaseModel):
 MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat]
 
 
+def write_transaction():
+    """A transaction that takes the write lock at once on SQLite.
+
+    A deferred SQLite transaction that reads first and writes later fails with
+    "database is locked" when another writer committed in between; taking
+    the lock up front makes writers queue (busy_timeout) instead.
+    """
+    if isinstance(database.obj, SqliteDatabase):
+        return database.atomic("IMMEDIATE")
+    return database.atomic()
+
+
 def connect(url: str, migrate: bool = True):
     """Open the database named by ``url``, bring its schema up to date, bind the models."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):

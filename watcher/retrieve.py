@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import catalog, dispose
 from .config import Config
-from .models import Instance, Patient, Rejection, Series, Study, database
+from .models import Instance, Patient, Rejection, Series, Study, write_transaction
 
 
 def retry(config: Config, sources=()) -> list[str]:
@@ -23,7 +23,7 @@ def retry(config: Config, sources=()) -> list[str]:
             continue
         dest = dispose.free_path(config.watch.drop_dir, r.source)
         dispose.move(path, dest)
-        with database.atomic():
+        with write_transaction():
             r.delete_instance()
             catalog.record_event("retried", r.source, config.import_.node, sha256=r.sha256,
                                  reason=r.reason, detail=f"put back into the drop folder as "

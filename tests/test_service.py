@@ -1,0 +1,155 @@
+"""The real service (subprocess or Service object with a real observer) imports files as they complete."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config, write_config_file
+from dicomfiles import write
+from watcher import models
+from watcher.models import Instance
+from watcher.service import Service
+
+
+def wait_for(predicate, timeout=30.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def imported_count():
+    return Instance.select().count()
+
+
+@pytest.fixture(params=[False, True], ids=["events", "polling"])
+def service_config(request, tmp_path, db_url):
+    cfg = make_config(tmp_path, db_url, watch={"settle_seconds": 1, "rescan_seconds": 2,
+                                               "poll": request.param})
+    models.connect(cfg.database.url)
+    yield cfg
+    models.database.close()
+
+
+def test_file_present_before_start_is_imported(service_config, tmp_path):
+    write(service_config.watch.drop_dir / "early.dcm")
+    with Service(service_config):
+        assert wait_for(lambda: imported_count() == 1)
+    assert not (service_config.watch.drop_dir / "early.dcm").exists()
+
+
+def test_file_copied_in_is_imported(service_config, tmp_path):
+    src = write(tmp_path / "outside.dcm")
+    with Service(service_config):
+        (service_config.watch.drop_dir / "in.dcm").write_bytes(src.read_bytes())
+        assert wait_for(lambda: imported_count() == 1)
+    assert Instance.get().source == "in.dcm"
+
+
+def test_slow_write_is_imported_only_when_complete_and_intact(service_config, tmp_path):
+    data = write(tmp_path / "big.dcm", rows=128, columns=128).read_bytes()
+    target = service_config.watch.drop_dir / "slow.dcm"
+    with Service(service_config):
+        with open(target, "wb") as f:
+            for i in range(0, len(data), len(data) // 8):
+                f.write(data[i:i + len(data) // 8])
+                f.flush()
+                time.sleep(0.6)  # longer than nothing, shorter than settle: a slow copy
+                assert imported_count() == 0, "imported before the writer finished"
+        assert wait_for(lambda: imported_count() == 1)
+    stored = service_config.archive.dir / Instance.get().stored_path
+    assert stored.read_bytes() == data
+
+
+def test_stalled_writer_is_never_imported_early(service_config, tmp_path):
+    """A writer that stops longer than settle_seconds mid-file: the completeness proof holds it back."""
+    data = write(tmp_path / "big.dcm", rows=64, columns=64).read_bytes()
+    target = service_config.watch.drop_dir / "stall.dcm"
+    with Service(service_config):
+        with open(target, "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            time.sleep(2.5)  # settle_seconds is 1
+            assert imported_count() == 0 and target.exists()
+            f.write(data[len(data) // 2:])
+        assert wait_for(lambda: imported_count() == 1)
+    assert (service_config.archive.dir / Instance.get().stored_path).read_bytes() == data
+
+
+def test_renamed_in_from_part_is_imported(service_config, tmp_path):
+    data = write(tmp_path / "x.dcm").read_bytes()
+    part = service_config.watch.drop_dir / "upload.dcm.part"
+    with Service(service_config):
+        part.write_bytes(data)
+        time.sleep(2.5)
+        assert imported_count() == 0 and part.exists()  # ignored while it has a temp name
+        part.rename(service_config.watch.drop_dir / "upload.dcm")
+        assert wait_for(lambda: imported_count() == 1)
+
+
+def test_many_files_dropped_at_once_are_imported_exactly_once(service_config, tmp_path):
+    drop = service_config.watch.drop_dir
+    with Service(service_config):
+        for i in range(1000):
+            write(drop / f"s{i // 100}" / f"{i:04d}.dcm", rows=2, columns=2)
+        assert wait_for(lambda: imported_count() == 1000, timeout=120)
+        time.sleep(1)
+    assert Instance.select().count() == 1000
+    assert len({i.sop_instance_uid for i in Instance.select()}) == 1000
+    assert not any(p.is_file() for p in drop.rglob("*"))
+
+
+def test_fast_path_commits_before_settle_seconds(tmp_path, db_url):
+    cfg = make_config(tmp_path, db_url, watch={"settle_seconds": 5, "rescan_seconds": 60})
+    models.connect(cfg.database.url)
+    data = write(tmp_path / "x.dcm").read_bytes()
+    with Service(cfg):
+        tmp = cfg.watch.drop_dir / ".incoming"
+        tmp.write_bytes(data)
+        started = time.monotonic()
+        tmp.rename(cfg.watch.drop_dir / "fast.dcm")
+        assert wait_for(lambda: imported_count() == 1, timeout=4.5)
+        elapsed = time.monotonic() - started
+        closed = cfg.watch.drop_dir / "closed.dcm"
+        write(closed)  # written and closed in place: a close-after-write event
+        assert wait_for(lambda: imported_count() == 2, timeout=4.5)
+    assert elapsed < 5
+    models.database.close()
+
+
+def test_service_heartbeat_is_shown_by_status(service_config):
+    from watcher import report
+    with Service(service_config):
+        nodes = report.status()["nodes"]
+        assert nodes[0]["node"] == "test-node" and nodes[0]["state"] == "running"
+    assert report.status()["nodes"][0]["state"] == "stopped"
+
+
+def test_sigterm_exits_zero_promptly_with_nothing_half_done(tmp_path, db_url):
+    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 0, "rescan_seconds": 1})
+    drop = tmp_path / "drop"
+    for i in range(200):
+        write(drop / f"{i}.dcm", rows=2, columns=2)
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert time.monotonic() - started < 5
+    models.connect(f"{db_url}")
+    left = {p.name for p in drop.iterdir()}
+    sources = {i.source for i in Instance.select()}
+    assert left | sources == {f"{i}.dcm" for i in range(200)}
+    assert not left & sources  # nothing both imported and still in the drop folder
+    models.database.close()

@@ -1,0 +1,263 @@
+"""The service: watch the drop folder and import each file the moment it is complete.
+
+Two producers feed one schedule: watchdog events say *when* to look (a close
+after writing or a rename into the folder means "look now"), and a full scan
+at start-up and every ``rescan_seconds`` (APScheduler) says *what is there*,
+covering missed events, queue overflows and network shares. Worker threads
+take due paths from the schedule, which never hands one path to two workers
+at once, and run each through the same ``ingest`` as ``dicom-watcher scan``.
+"""
+
+import collections
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from . import detect, dispose, models, settle
+from .config import Config
+from .errors import Unavailable
+from .pipeline import ingest
+from .schedule import Schedule
+
+LOGGER = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 5.0
+DIR_QUIET_SECONDS = 60.0  # an emptied sub-folder may be about to receive a copy's next file
+MAX_PAUSE = 30.0
+
+
+class Service:
+    def __init__(self, config: Config, clock=time.time):
+        self.config = config
+        self.clock = clock
+        self.schedule = Schedule(clock)
+        self.done_at: dict = {}  # path -> when a writer closed it or it was renamed in
+        self.attempts = collections.Counter()
+        self.counts = collections.Counter()
+        self.stopping = threading.Event()
+        self.started_at = models.utcnow()
+        self.last_rescan = None
+        self._drop_identity = None
+        self._observer = None
+        self._scheduler = None
+        self._workers = []
+        self._pause = 1.0
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> "Service":
+        self.rescan()
+        self._start_observer()
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(self.rescan, "interval", seconds=max(self.config.watch.rescan_seconds, 0.1),
+                                id="rescan", max_instances=1, coalesce=True)
+        self._scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
+                                id="heartbeat", max_instances=1, coalesce=True)
+        self._scheduler.start()
+        for n in range(self.config.import_.workers):
+            worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self.heartbeat()
+        LOGGER.info("watching %s (%s, %d workers)", self.config.watch.drop_dir,
+                    "polling" if self.config.watch.poll else "events", len(self._workers))
+        return self
+
+    def stop(self) -> None:
+        """Finish the files in hand, then stop observer, scheduler and workers."""
+        self.stopping.set()
+        if self._observer is not None:
+            self._observer.stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        self.schedule.close()
+        for worker in self._workers:
+            worker.join()
+        if self._observer is not None:
+            self._observer.join()
+        _OverflowAlarm.remove(self)
+        self.heartbeat(state="stopped")
+        models.database.close()
+        LOGGER.info("stopped: %s", dict(self.counts))
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- producers ---------------------------------------------------------------
+    def notify(self, path: str, done: bool) -> None:
+        """A watchdog event for ``path``; ``done`` when it was closed after writing or renamed in."""
+        rel = os.path.relpath(path, self.config.watch.drop_dir)
+        if rel.startswith("..") or any(detect.is_ignored(part, self.config.watch.ignore)
+                                       for part in rel.split(os.sep)):
+            return
+        now = self.clock()
+        if done:
+            self.done_at[path] = now
+        self.schedule.put(path, now if done else now + self.config.watch.settle_seconds)
+
+    def rescan(self) -> None:
+        """Look at everything in the drop folder (start-up, every rescan_seconds, after overflow)."""
+        if self.stopping.is_set():
+            return
+        drop = self.config.watch.drop_dir
+        try:
+            st = os.stat(drop)
+        except OSError as exc:
+            if self._drop_identity is not None:
+                LOGGER.error("the drop folder %s is gone (%s); waiting for it", drop, exc.strerror)
+            self._drop_identity = None
+            return
+        identity = (st.st_dev, st.st_ino)
+        if self._drop_identity is not None and identity != self._drop_identity:
+            LOGGER.warning("the drop folder %s was replaced or remounted; watching it again", drop)
+            self._restart_observer()
+        elif self._drop_identity is None and self._observer is not None:
+            LOGGER.warning("the drop folder %s is back", drop)
+            self._restart_observer()
+        self._drop_identity = identity
+        now = self.clock()
+        for path, _ in detect.scan(drop, self.config.watch.ignore):
+            self.schedule.put(str(path), now)
+        dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds), now)
+        self.last_rescan = models.utcnow()
+
+    def look_into(self, folder: str) -> None:
+        """A folder appeared: queue what it holds (files copied in before we watched it)."""
+        for path, _ in detect.scan(folder, self.config.watch.ignore):
+            self.notify(str(path), False)
+
+    def rescan_soon(self) -> None:
+        """Rescan now, in the scheduler's thread (a folder moved in, an event queue overflow)."""
+        if self._scheduler is not None and not self.stopping.is_set():
+            try:
+                self._scheduler.modify_job("rescan", next_run_time=datetime.datetime.now())
+            except Exception:  # not started yet or already shut down
+                pass
+
+    def _start_observer(self) -> None:
+        observer = PollingObserver(timeout=1) if self.config.watch.poll else Observer()
+        observer.schedule(detect.Handler(self.notify, self.look_into), str(self.config.watch.drop_dir),
+                          recursive=True)
+        observer.daemon = True
+        try:
+            observer.start()
+        except OSError as exc:
+            LOGGER.error("cannot watch %s (%s); relying on rescans", self.config.watch.drop_dir, exc)
+            observer = None
+        self._observer = observer
+        _OverflowAlarm.add(self)
+
+    def _restart_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+        self._start_observer()
+
+    # -- consumers ---------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                path = self.schedule.take(timeout=0.5)
+                if path is None:
+                    continue
+                try:
+                    self._look_at(path)
+                finally:
+                    self.schedule.release(path)
+        finally:
+            models.database.close()
+
+    def _look_at(self, path: str) -> None:
+        w = self.config.watch
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._forget(path)
+            return
+        now = self.clock()
+        wait = settle.wait_seconds(st, now, w.settle_seconds, self.done_at.get(path))
+        if wait > 0:
+            self.schedule.put(path, now + wait)
+            return
+        self.attempts[path] += 1
+        try:
+            outcome = ingest(path, self.config, final=settle.is_final(st, now, w.incomplete_seconds),
+                             attempt=self.attempts[path])
+        except Unavailable as exc:
+            self.attempts[path] -= 1
+            LOGGER.error("cannot import now, files stay where they are: %s; trying again in %.0f s",
+                         exc, self._pause)
+            self.schedule.pause(self._pause)
+            self.schedule.put(path, now)
+            self._pause = min(self._pause * 2, MAX_PAUSE)
+            return
+        self._pause = 1.0
+        self.counts[outcome.outcome] += 1
+        if outcome.outcome == "retry":
+            self.schedule.put(path, now + self.attempts[path])
+        elif outcome.outcome == "pending":
+            self.done_at.pop(path, None)
+            self.schedule.put(path, settle.last_change(st) + w.incomplete_seconds)
+        else:
+            self._forget(path)
+
+    def _forget(self, path: str) -> None:
+        self.attempts.pop(path, None)
+        self.done_at.pop(path, None)
+
+    # -- liveness ----------------------------------------------------------------
+    def heartbeat(self, state: str = "running") -> None:
+        node = self.config.import_.node
+        values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at,
+                      last_seen=models.utcnow(), last_rescan=self.last_rescan,
+                      queue_depth=len(self.schedule), in_flight=self.schedule.busy_count(),
+                      state=state)
+        try:
+            (models.Heartbeat.insert(node=node, **values)
+             .on_conflict(conflict_target=[models.Heartbeat.node], update=values).execute())
+        except Exception as exc:
+            LOGGER.warning("heartbeat not recorded: %s", exc)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                models.database.close()
+
+
+class _OverflowAlarm(logging.Handler):
+    """watchdog logs a kernel event-queue overflow but tells no handler: listen for it and rescan."""
+
+    services: set = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            for service in list(self.services):
+                LOGGER.warning("kernel event queue overflowed: rescanning %s now",
+                               service.config.watch.drop_dir)
+                service.rescan_soon()
+
+    @classmethod
+    def add(cls, service) -> None:
+        if not cls.services:
+            for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+                logging.getLogger(name).addHandler(_ALARM)
+        cls.services.add(service)
+
+    @classmethod
+    def remove(cls, service) -> None:
+        cls.services.discard(service)
+
+
+_ALARM = _OverflowAlarm(level=logging.WARNING)
+
+
+def run(config: Config, stop: threading.Event) -> None:
+    """Run until ``stop`` is set (the CLI sets it on SIGTERM or SIGINT)."""
+    with Service(config):
+        stop.wait()
