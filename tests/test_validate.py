@@ -233,3 +233,53 @@ def test_deflate_bomb_is_bounded(tmp_path):
     (tmp_path / "bomb.dcm").write_bytes(meta + bomb)
     with pytest.raises((Rejected, NotReady)):
         check(tmp_path / "bomb.dcm")
+
+
+# -- fuzzing: whatever the bytes, validate() answers with a DicomInfo, NotReady or Rejected --
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TEMPLATE = None
+
+
+def _template() -> bytes:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as d:
+            _TEMPLATE = write(Path(d) / "t.dcm", ct(rows=4, columns=4)).read_bytes()
+    return _TEMPLATE
+
+
+class _Bytes:
+    def __init__(self, data):
+        self.data, self.size = data, len(data)
+
+    def read_at(self, pos, n):
+        return self.data[pos:pos + n]
+
+
+def _validate_bytes(data: bytes):
+    try:
+        validate(_Bytes(data))
+    except (NotReady, Rejected):
+        pass
+
+
+@settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=8)), max_size=6),
+       st.integers(0, 10_000))
+def test_fuzzed_files_never_crash_or_hang_the_validator(patches, cut_at):
+    data = bytearray(_template())
+    for pos, blob in patches:
+        pos %= len(data)
+        data[pos:pos + len(blob)] = blob
+    _validate_bytes(bytes(data[:max(cut_at, 132)]))
+
+
+@settings(max_examples=200, deadline=1000)
+@given(st.binary(max_size=2048))
+def test_random_bytes_after_a_valid_preamble_never_crash_the_validator(tail):
+    _validate_bytes(b"\0" * 128 + b"DICM" + tail)

@@ -407,8 +407,9 @@ def add_malformed(c: Corpus) -> None:
 
 
 def add_identity_problems(c: Corpus, valid: bytes) -> None:
-    missing = [("meta_only", "meta_only.dcm", encode_meta(ct("meta only"), EXPLICIT),
-                "preamble + DICM + file meta, no dataset")]
+    c.reject("truncated", [("meta_only", "meta_only.dcm", encode_meta(ct("meta only"), EXPLICIT),
+                            "preamble + DICM + file meta, no dataset: a copy that stopped there")])
+    missing = []
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         ds = ct(f"missing {keyword}")
         del ds[keyword]

@@ -11,6 +11,7 @@ import logging
 from peewee import IntegrityError
 
 from .errors import Rejected
+from .names import to_text
 from .models import Event, Instance, Patient, Rejection, Series, Study, write_transaction
 
 LOGGER = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _record_instance(info, stored, source, creator, node) -> str:
                     series=series, instance_number=_int(a.get("InstanceNumber")),
                     transfer_syntax_uid=info.transfer_syntax_uid, sha256=stored.sha256,
                     size=stored.size, stored_path=stored.relpath, creator=creator,
-                    source=source, node=node).execute()
+                    source=to_text(source), node=node).execute()
     record_event("imported", source, node, info.sop_instance_uid, stored.sha256)
     return "imported"
 
@@ -81,7 +82,7 @@ def _int(text):
 
 
 def record_event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail=""):
-    Event.insert(outcome=outcome, source=source, node=node, sop_instance_uid=sop_instance_uid,
+    Event.insert(outcome=outcome, source=to_text(source), node=node, sop_instance_uid=sop_instance_uid,
                  sha256=sha256, reason=reason, detail=detail).execute()
 
 
@@ -92,12 +93,12 @@ def record_rejection(source, reason, detail, path, sha256, size, node) -> None:
     the same free path and overwrites this row instead of adding another.
     """
     with write_transaction():
-        Rejection.delete().where(Rejection.path == str(path)).execute()
-        Rejection.insert(source=source, reason=reason, detail=detail, path=str(path),
+        Rejection.delete().where(Rejection.path == to_text(path)).execute()
+        Rejection.insert(source=to_text(source), reason=reason, detail=detail, path=to_text(path),
                          sha256=sha256, size=size, node=node).execute()
         record_event("rejected", source, node, sha256=sha256, reason=reason, detail=detail)
 
 
 def forget_rejection(path) -> None:
     """The move to ``path`` failed: the file is still in the drop folder, so no rejection row."""
-    Rejection.delete().where(Rejection.path == str(path)).execute()
+    Rejection.delete().where(Rejection.path == to_text(path)).execute()

@@ -21,6 +21,7 @@ import peewee
 from . import archive, catalog, dispose
 from .config import Config
 from .errors import NotReady, Rejected, Unavailable
+from .names import to_text
 from .source import Source
 from .validate import validate
 
@@ -55,7 +56,7 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1) ->
         if not os.path.lexists(path):
             outcome = Outcome("vanished", rel, detail="removed by someone else before it was imported")
         else:
-            LOGGER.warning("retry %s: %s: %s", rel, type(exc).__name__, exc, exc_info=attempt == 1)
+            LOGGER.warning("retry %s: %s: %s", to_text(rel), type(exc).__name__, exc, exc_info=attempt == 1)
             outcome = Outcome("retry", rel, detail=f"{type(exc).__name__}: {exc}")
     outcome = _timed(outcome, started)
     _log(outcome)
@@ -75,7 +76,7 @@ def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int) -> 
     except Exception as exc:
         if _is_unavailable(exc) or not os.path.lexists(path) or attempt < config.import_.attempts:
             raise
-        LOGGER.error("giving up on %s after %d attempts", rel, attempt, exc_info=True)
+        LOGGER.error("giving up on %s after %d attempts", to_text(rel), attempt, exc_info=True)
         detail = f"{type(exc).__name__}: {exc} (failed {attempt} times; see the log)"
         return _reject(path, rel, "error", detail, config)
 
@@ -142,7 +143,7 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 def _timed(outcome: Outcome, started: float) -> Outcome:
     ms = (time.monotonic() - started) * 1000
-    return Outcome(outcome.outcome, outcome.source, outcome.sop_instance_uid, outcome.sha256,
+    return Outcome(outcome.outcome, to_text(outcome.source), outcome.sop_instance_uid, outcome.sha256,
                    outcome.reason, outcome.detail, round(ms, 1))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import catalog, dispose
 from .config import Config
+from .names import from_text, to_text
 from .models import Instance, Patient, Rejection, Series, Study, write_transaction
 
 
@@ -18,16 +19,16 @@ def retry(config: Config, sources=()) -> list[str]:
         query = query.where(Rejection.source.in_(list(sources)))
     moved = []
     for r in query:
-        path = Path(r.path)
+        path = Path(from_text(r.path))
         if not os.path.lexists(path):
             continue
-        dest = dispose.free_path(config.watch.drop_dir, r.source)
+        dest = dispose.free_path(config.watch.drop_dir, from_text(r.source))
         dispose.move(path, dest)
         with write_transaction():
             r.delete_instance()
             catalog.record_event("retried", r.source, config.import_.node, sha256=r.sha256,
                                  reason=r.reason, detail=f"put back into the drop folder as "
-                                 f"{os.path.relpath(dest, config.watch.drop_dir)}")
+                                 f"{to_text(os.path.relpath(dest, config.watch.drop_dir))}")
         moved.append(r.source)
     return moved
 

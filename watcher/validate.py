@@ -112,11 +112,14 @@ def _read_meta(source):
     encoding = _sniff_bare_dataset(head)
     if encoding is None:
         if len(head) < 132 and (not head or not head.strip(b"\0")):
-            raise NotReady(f"only {len(head)} bytes, all zero: too short to tell what it is")
+            raise NotReady(f"only {len(head)} bytes, all zero: too short to tell what it is",
+                           reason="not-dicom")
         if not head.strip(b"\0"):
-            raise NotReady("the first 132 bytes are zeros: the file may still be being written")
+            raise NotReady("the first 132 bytes are zeros: the file may still be being written",
+                           reason="not-dicom")
         if len(head) < 132 and _is_prefix_of_preamble(head):
-            raise NotReady(f"only {len(head)} bytes: too short to tell what it is")
+            raise NotReady(f"only {len(head)} bytes: too short to tell what it is",
+                           reason="not-dicom")
         raise Rejected("not-dicom", "not a DICOM file: no 'DICM' marker after the 128-byte "
                        "preamble, and not a bare DICOM dataset")
     explicit, little = encoding
@@ -143,8 +146,13 @@ def _sniff_bare_dataset(head: bytes):
     return None
 
 
+VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+       b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST",
+       b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+
+
 def _is_vr(two: bytes) -> bool:
-    return len(two) == 2 and 65 <= two[0] <= 90 and 65 <= two[1] <= 90
+    return two in VRS
 
 
 def _check_encoding(source, pos, explicit, little, syntax):
