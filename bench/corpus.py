@@ -47,16 +47,14 @@ def _slot_offsets(header: bytes) -> dict[str, list[int]]:
     return offsets
 
 
-def make_small(dest: Path, count: int = 20_000, *, seed: int = 1, per_series: int = 100,
-               series_per_study: int = 5, studies_per_patient: int = 2,
-               rows: int = 110, columns: int = 110) -> list[Path]:
-    """``count`` CT instances (Explicit VR Little Endian), patched from one encoded template.
+def small_instances(count: int, *, seed: int = 1, per_series: int = 100, series_per_study: int = 5,
+                    studies_per_patient: int = 2, rows: int = 110, columns: int = 110):
+    """Yield (relative path, bytes) of ``count`` CT instances patched from one encoded template.
 
     Layout: pat<P>/study<S>/series<E>/im<index>.dcm, ``per_series`` instances per series.
     """
     template = encode(ct_template(rows, columns))
     offsets = _slot_offsets(template[: len(template) - rows * columns * 2])
-    paths = []
     for index in range(count):
         data = bytearray(template)
         values = ct_slot_values(seed, index, per_series, series_per_study, studies_per_patient)
@@ -68,13 +66,21 @@ def make_small(dest: Path, count: int = 20_000, *, seed: int = 1, per_series: in
                 data[at:at + len(encoded)] = encoded
         series = index // per_series
         study = series // series_per_study
-        folder = dest / f"pat{study // studies_per_patient:03d}" / f"study{study:04d}" / f"series{series:04d}"
-        if index % per_series == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"im{index:06d}.dcm"
+        folder = Path(f"pat{study // studies_per_patient:03d}", f"study{study:04d}", f"series{series:04d}")
+        yield folder / f"im{index:06d}.dcm", bytes(data)
+
+
+def make_small(dest: Path, count: int = 20_000, *, seed: int = 1, **layout) -> list[Path]:
+    """Write ``small_instances(count, seed=seed, **layout)`` under ``dest``; their paths, in order."""
+    paths, made = [], set()
+    for rel, data in small_instances(count, seed=seed, **layout):
+        path = dest / rel
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
         path.write_bytes(data)
         paths.append(path)
-    LOGGER.info("small: %d files of %d bytes in %s", count, len(template), dest)
+    LOGGER.info("small: %d files of %d bytes in %s", count, len(data) if paths else 0, dest)
     return paths
 
 

@@ -29,10 +29,11 @@ def pg_database():
             pytest.fail(f"PostgreSQL required (WATCHER_REQUIRE_POSTGRES=1) but not reachable: {exc}")
         pytest.skip(f"no PostgreSQL server at {PG_SERVER}: {exc}")
     name = f"dw_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
     yield f"{PG_SERVER}/{name}"
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    with _pg_admin() as admin:  # a new connection: a test may have restarted the server
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

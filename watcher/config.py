@@ -45,6 +45,7 @@ class Import:
     workers: int = 2
     node: str = field(default_factory=socket.gethostname)
     attempts: int = 3
+    claim_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def _check(config: Config) -> None:
         raise ConfigError('archive.on_success = "move" needs archive.done_dir')
     if not 1 <= i.workers <= 64:
         raise ConfigError("import.workers must be between 1 and 64")
+    if i.claim_seconds <= 0:
+        raise ConfigError("import.claim_seconds must be positive")
     if i.attempts < 1:
         raise ConfigError("import.attempts must be at least 1")
     if not i.creator or not i.node:

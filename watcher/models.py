@@ -121,7 +121,29 @@ class Heartbeat(BaseModel):
     state = CharField(max_length=32, default="running")
 
 
-MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat]
+class Claim(BaseModel):
+    """A node's lease on one file of a shared drop folder (see watcher/claims.py)."""
+
+    path = TextField(primary_key=True)
+    node = CharField(max_length=255)
+    token = CharField(max_length=64)
+    expires_at = DateTimeField()
+
+
+MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim]
+
+
+def is_shared() -> bool:
+    """Several nodes may share this database (PostgreSQL); SQLite is one node's."""
+    return not isinstance(database.obj, SqliteDatabase)
+
+
+def reset_connection() -> None:
+    """Drop this thread's connection (after the server went away); the next query reconnects."""
+    try:
+        database.close()
+    except Exception:
+        pass
 
 
 def write_transaction():

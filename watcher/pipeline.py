@@ -18,7 +18,7 @@ from pathlib import Path
 
 import peewee
 
-from . import archive, catalog, dispose
+from . import archive, catalog, claims, dispose
 from .config import Config
 from .errors import NotReady, Rejected, Unavailable
 from .names import to_text
@@ -30,7 +30,7 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    outcome: str  # imported, duplicate, dicomdir, rejected, pending, retry, vanished
+    outcome: str  # imported, duplicate, dicomdir, rejected, pending, retry, claimed, vanished
     source: str
     sop_instance_uid: str | None = None
     sha256: str | None = None
@@ -49,7 +49,11 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1) ->
     started = time.monotonic()
     rel = os.path.relpath(path, config.watch.drop_dir)
     try:
-        outcome = _decide(Path(path), rel, config, final, attempt)
+        with claims.claim(path, config.import_.node, config.import_.claim_seconds) as held:
+            if held:
+                outcome = _decide(Path(path), rel, config, final, attempt)
+            else:
+                outcome = Outcome("claimed", rel, detail="another node is importing it")
     except Exception as exc:  # the decision itself could not be carried out
         if _is_unavailable(exc):
             raise Unavailable(str(exc)) from exc
@@ -148,8 +152,8 @@ def _timed(outcome: Outcome, started: float) -> Outcome:
 
 
 def _log(o: Outcome) -> None:
-    if o.outcome in ("pending",):
-        LOGGER.debug("pending %s: %s", o.source, o.detail)
+    if o.outcome in ("pending", "claimed"):
+        LOGGER.debug("%s %s: %s", o.outcome, o.source, o.detail)
         return
     if o.outcome == "retry":
         return

@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import detect, dispose, models, settle
+from . import claims, detect, dispose, models, settle
 from .config import Config
 from .errors import Unavailable
 from .pipeline import ingest
@@ -30,6 +30,7 @@ LOGGER = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 DIR_QUIET_SECONDS = 60.0  # an emptied sub-folder may be about to receive a copy's next file
 MAX_PAUSE = 30.0
+CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is gone by then, usually)
 
 
 class Service:
@@ -51,6 +52,7 @@ class Service:
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Service":
+        claims.release_all(self.config.import_.node)
         self.rescan()
         self._start_observer()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -193,8 +195,10 @@ class Service:
                              attempt=self.attempts[path])
         except Unavailable as exc:
             self.attempts[path] -= 1
-            LOGGER.error("cannot import now, files stay where they are: %s; trying again in %.0f s",
-                         exc, self._pause)
+            models.reset_connection()
+            if self._pause == 1.0:
+                LOGGER.error("cannot import now, files stay where they are: %s", exc)
+            LOGGER.warning("waiting %.0f s before trying again", self._pause)
             self.schedule.pause(self._pause)
             self.schedule.put(path, now)
             self._pause = min(self._pause * 2, MAX_PAUSE)
@@ -203,6 +207,9 @@ class Service:
         self.counts[outcome.outcome] += 1
         if outcome.outcome == "retry":
             self.schedule.put(path, now + self.attempts[path])
+        elif outcome.outcome == "claimed":
+            self.attempts[path] -= 1
+            self.schedule.put(path, now + max(w.settle_seconds, CLAIMED_RETRY_SECONDS))
         elif outcome.outcome == "pending":
             self.done_at.pop(path, None)
             self.schedule.put(path, settle.last_change(st) + w.incomplete_seconds)

@@ -41,7 +41,10 @@ def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep
             except Unavailable as exc:
                 LOGGER.error("stopping: %s", exc)
                 raise
-            if outcome.outcome == "retry":
+            if outcome.outcome == "claimed":
+                attempts[path] -= 1
+                waits.append(1.0)
+            elif outcome.outcome == "retry":
                 waits.append(0.5)
             elif outcome.outcome == "pending":
                 pending.add(path)

@@ -1,0 +1,195 @@
+"""The real service as a subprocess: ``dicom-watcher run --config X``, watched from outside.
+
+A ``ServiceRun`` owns one run's folders (drop, archive, rejected, staging), writes the
+config, starts the service with its stderr in a log file, waits for its heartbeat row,
+reads its memory and CPU from /proc and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends import Backend
+
+LOGGER = logging.getLogger(__name__)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROBLEM = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+
+
+def service_command() -> list[str]:
+    """``dicom-watcher`` beside this Python (the venv's console script), else ``python -m watcher``."""
+    script = Path(sys.executable).with_name("dicom-watcher")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "watcher"]
+
+
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+@dataclass
+class ProcStats:
+    peak_rss_mb: float  # VmHWM
+    rss_mb: float  # VmRSS
+    cpu_seconds: float  # utime + stime, children excluded
+
+    @classmethod
+    def read(cls, pid: int) -> "ProcStats":
+        status = Path(f"/proc/{pid}/status").read_text()
+        kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(Vm\w+):\s+(\d+) kB", status, re.M)}
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        return cls(round(kb["VmHWM"] / 1024, 1), round(kb["VmRSS"] / 1024, 1),
+                   (utime + stime) / CLOCK_TICKS)
+
+
+@dataclass
+class Stopped:
+    exit_code: int | None
+    stop_seconds: float
+    killed: bool
+    log_problems: int  # lines with ERROR/CRITICAL/Traceback
+    log_warnings: int
+    log_sample: list[str] = field(default_factory=list)
+
+
+class ServiceRun:
+    """One run of the service on a fresh database and empty folders under ``workdir``."""
+
+    def __init__(self, workdir: Path, backend: Backend, *, workers: int = 2, settle_seconds: float = 2,
+                 rescan_seconds: float = 5, incomplete_seconds: float | None = None,
+                 command: list[str] | None = None):
+        shutil.rmtree(workdir, ignore_errors=True)
+        self.workdir = workdir
+        self.drop = workdir / "drop"
+        self.staging = workdir / "staging"
+        self.archive = workdir / "archive"
+        for folder in (self.drop, self.staging):
+            folder.mkdir(parents=True)
+        self.backend = backend
+        self.log_path = workdir / "service.log"
+        self.config_path = workdir / "watcher.toml"
+        self.command = command or service_command()  # a profiler may wrap the service
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        url = backend.create(workdir)
+        incomplete = "" if incomplete_seconds is None else f"incomplete_seconds = {incomplete_seconds}\n"
+        self.config_path.write_text(
+            "[watch]\n"
+            f'drop_dir = "{self.drop}"\nsettle_seconds = {settle_seconds}\n'
+            f"rescan_seconds = {rescan_seconds}\n{incomplete}"
+            "[archive]\n"
+            f'dir = "{self.archive}"\nrejected_dir = "{workdir / "rejected"}"\n'
+            "[database]\n"
+            f'url = "{url}"\n'
+            "[import]\n"
+            f'workers = {workers}\nnode = "bench"\n')
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self, heartbeat_timeout: float = 600) -> float:
+        """Start the service and wait for its heartbeat row; returns seconds until it appeared."""
+        started = time.perf_counter()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.command, "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir)
+        while not self.backend.has_heartbeat():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode} before its "
+                                   f"heartbeat; its log:\n{self.log_tail()}")
+            if time.perf_counter() - started > heartbeat_timeout:
+                raise RuntimeError(f"no heartbeat within {heartbeat_timeout} s; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+        rows = self.backend.query("SELECT pid FROM heartbeat WHERE node = 'bench'")
+        self.pid = rows[0][0] if rows else self.proc.pid  # not proc.pid under py-spy
+        return time.perf_counter() - started
+
+    def stats(self) -> ProcStats:
+        return ProcStats.read(self.pid)
+
+    def stop(self, timeout: float = 120) -> Stopped:
+        """SIGTERM the service (not a wrapper) and wait for it; SIGKILL after ``timeout``."""
+        started = time.perf_counter()
+        os.kill(self.pid, signal.SIGTERM)
+        killed = False
+        try:
+            code = self._wait_service(timeout)
+        except subprocess.TimeoutExpired:
+            LOGGER.error("the service did not stop within %s s of SIGTERM; killing it", timeout)
+            os.kill(self.pid, signal.SIGKILL)
+            killed, code = True, self._wait_service(30)
+        seconds = time.perf_counter() - started
+        if self.pid != self.proc.pid:  # a wrapper (py-spy) finishes writing its output
+            self.proc.wait(timeout=300)
+        problems, warnings, sample = self.log_problems()
+        self.backend.close()
+        return Stopped(code, round(seconds, 3), killed, problems, warnings, sample)
+
+    def _wait_service(self, timeout: float) -> int | None:
+        if self.pid == self.proc.pid:
+            return self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout  # not our child: wait for /proc to forget it
+        while Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z":
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("service", timeout)
+            time.sleep(0.05)
+        return None  # its parent (the wrapper) collects the exit code
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in {self.pid, self.proc.pid} - {None}:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+        try:
+            self.backend.drop()
+        except Exception as exc:
+            LOGGER.warning("could not drop the %s database: %s", self.backend.name, exc)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "ServiceRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    # -- what it left ------------------------------------------------------------------
+    def files_in_drop(self) -> list[str]:
+        return sorted(str(Path(root, name).relative_to(self.drop))
+                      for root, _, names in os.walk(self.drop) for name in names)
+
+    def archive_temporaries(self) -> int:
+        tmp = self.archive / ".tmp"
+        return len(list(tmp.iterdir())) if tmp.is_dir() else 0
+
+    def log_problems(self, sample: int = 5) -> tuple[int, int, list[str]]:
+        problems, warnings, lines = 0, 0, []
+        with self.log_path.open(errors="replace") as log:
+            for line in log:
+                if PROBLEM.search(line):
+                    problems += 1
+                    if len(lines) < sample:
+                        lines.append(line.rstrip()[:300])
+                elif " WARNING " in line:
+                    warnings += 1
+        return problems, warnings, lines
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"

@@ -1,0 +1,160 @@
+"""Several watcher nodes on one PostgreSQL database: each file imported exactly once, whoever dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config, write_config_file
+from dicomfiles import write
+from watcher import claims, models
+from watcher.models import Claim, Event, Instance, Study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    import psycopg
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    models.connect(pg_database)
+    yield pg_database
+    models.database.close()
+
+
+def start_node(config_path: Path, node: str, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(config_path)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+
+
+def node_config(tmp_path, url, node, drop="drop", **watch):
+    folder = tmp_path / node
+    folder.mkdir(exist_ok=True)
+    cfg = write_config_file(folder, url, watch={"drop_dir": str(tmp_path / drop), "settle_seconds": 0.2,
+                                                "rescan_seconds": 1, **watch},
+                            archive={"dir": str(tmp_path / "archive"),
+                                     "rejected_dir": str(tmp_path / "rejected")},
+                            **{"import": {"node": node, "claim_seconds": 3}})
+    return cfg
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def files_in(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_claim_is_exclusive_until_released_or_expired(pg_url, tmp_path):
+    path = tmp_path / "f.dcm"
+    path.write_bytes(b"x")
+    with claims.claim(path, "a", 60) as first:
+        with claims.claim(path, "b", 60) as second:
+            assert first and not second
+    with claims.claim(path, "b", 60) as again:
+        assert again
+    Claim.insert(path=str(path), node="dead", token="t", expires_at=models.utcnow()).execute()
+    time.sleep(0.01)
+    with claims.claim(path, "b", 60) as taken_over:
+        assert taken_over
+
+
+@pytest.mark.parametrize("kill_one", [False, True], ids=["both-live", "one-killed"])
+def test_two_nodes_on_one_folder_import_each_file_exactly_once(pg_url, tmp_path, kill_one):
+    drop = tmp_path / "drop"
+    staging = tmp_path / "staging"
+    for i in range(2000):
+        write(staging / f"s{i // 200}" / f"{i:04d}.dcm", rows=2, columns=2)
+    drop.mkdir()
+    procs = [start_node(node_config(tmp_path, pg_url, n), n, tmp_path / f"{n}.log") for n in ("a", "b")]
+    try:
+        time.sleep(2)
+        for sub in sorted(staging.iterdir()):
+            sub.rename(drop / sub.name)
+        if kill_one:
+            assert wait_for(lambda: Instance.select().count() >= 600, 60)
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+        assert wait_for(lambda: files_in(drop) == 0, 240), f"{files_in(drop)} files left"
+        assert wait_for(lambda: Instance.select().count() == 2000, 30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop(p)
+    assert len({i.sop_instance_uid for i in Instance.select()}) == 2000
+    assert Event.select().where(Event.outcome == "imported").count() == 2000
+    if not kill_one:
+        assert {i.node for i in Instance.select()} == {"a", "b"}, "both nodes took a share"
+        assert Event.select().where(Event.outcome == "duplicate").count() == 0
+    from watcher.verify import verify
+    found = verify(tmp_path / "archive")
+    assert found.ok and found.checked == 2000
+
+
+def test_two_folders_receiving_one_study_at_once_make_one_study_row(pg_url, tmp_path):
+    study = "1.2.826.0.1.3680043.99.1"
+    for folder in ("stage1", "stage2"):
+        for i in range(100):
+            write(tmp_path / folder / f"{i}.dcm", study_uid=study, patient_id="SHARED", rows=2, columns=2)
+    (tmp_path / "drop1").mkdir()
+    (tmp_path / "drop2").mkdir()
+    procs = [start_node(node_config(tmp_path, pg_url, f"n{k}", drop=f"drop{k}"), f"n{k}",
+                        tmp_path / f"n{k}.log") for k in (1, 2)]
+    try:
+        time.sleep(2)
+        (tmp_path / "stage1").rename(tmp_path / "drop1" / "x")
+        (tmp_path / "stage2").rename(tmp_path / "drop2" / "x")
+        assert wait_for(lambda: Instance.select().count() == 200, 60)
+    finally:
+        for p in procs:
+            stop(p)
+    assert Study.select().count() == 1
+    assert models.Patient.select().count() == 1
+    assert models.Series.select().count() == 200  # each file had its own series UID
+    assert models.Rejection.select().count() == 0
+
+
+def test_postgresql_restart_during_import_loses_nothing(pg_url, tmp_path):
+    cluster = subprocess.run(["bash", "-c", "ls /etc/postgresql"], capture_output=True, text=True).stdout.split()
+    if not cluster or subprocess.run(["which", "pg_ctlcluster"], capture_output=True).returncode:
+        pytest.skip("pg_ctlcluster not available to restart the server")
+    drop = tmp_path / "drop"
+    staging = tmp_path / "staging"
+    for i in range(1500):
+        write(staging / f"{i:04d}.dcm", rows=2, columns=2)
+    drop.mkdir()
+    proc = start_node(node_config(tmp_path, pg_url, "a"), "a", tmp_path / "a.log")
+    try:
+        time.sleep(2)
+        staging.rename(drop / "batch")
+        time.sleep(0.5)
+        models.database.close()
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster[0], "main", "restart"],
+                       check=True, timeout=120)
+        assert wait_for(lambda: files_in(drop) == 0, 180), f"{files_in(drop)} left"
+    finally:
+        stop(proc)
+    models.reset_connection()
+    assert Instance.select().count() == 1500
+    log = (tmp_path / "a.log").read_text()
+    assert "cannot import now" in log, "the restart was not noticed: did it happen mid-import?"
+    assert len({i.sop_instance_uid for i in Instance.select()}) == 1500

@@ -1,0 +1,63 @@
+"""Claim a file before importing it, so that several nodes on one drop folder never
+import the same file at once.
+
+A claim is a row keyed by the file's path with an expiry (a lease), not a lock
+file: a node killed while holding one blocks nobody for longer than the lease,
+after which any node takes it over. The lease grows with the file's size, so
+a slow copy of a large file is not taken over while it runs. On SQLite (one
+node per database) claiming is skipped: the service's own schedule already
+keeps one path in one worker's hands.
+"""
+
+import contextlib
+import datetime
+import os
+import uuid
+
+from .models import Claim, is_shared, utcnow, write_transaction
+from .names import to_text
+
+BYTES_PER_SECOND = 10e6  # a slow archive disk: how long storing a large file may take
+
+
+def lease_for(size: int, base_seconds: float) -> float:
+    return base_seconds + size / BYTES_PER_SECOND
+
+
+@contextlib.contextmanager
+def claim(path, node: str, lease_seconds: float):
+    """Yields True when this node holds ``path`` for the block, False when another does."""
+    if not is_shared():
+        yield True
+        return
+    key, token = to_text(os.path.abspath(path)), uuid.uuid4().hex
+    try:
+        size = os.lstat(path).st_size
+    except OSError:
+        size = 0
+    now = utcnow()
+    until = now + datetime.timedelta(seconds=lease_for(size, lease_seconds))
+    with write_transaction():
+        (Claim.insert(path=key, node=node, token=token, expires_at=until)
+         .on_conflict(conflict_target=[Claim.path],
+                      update={Claim.node: node, Claim.token: token, Claim.expires_at: until},
+                      where=(Claim.expires_at < now))
+         .execute())
+        holder = Claim.select(Claim.token).where(Claim.path == key).scalar()
+    if holder != token:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            Claim.delete().where((Claim.path == key) & (Claim.token == token)).execute()
+        except Exception:  # the database went away: the lease runs out by itself
+            pass
+
+
+def release_all(node: str) -> int:
+    """At start-up: claims this node held before a crash or restart are ours to drop."""
+    if not is_shared():
+        return 0
+    return Claim.delete().where(Claim.node == node).execute()
