@@ -1,7 +1,9 @@
-"""python -m bench [--quick] [--out results.json] [--workdir DIR] [--keep]
+"""python -m bench [--quick] [--out results.json] [--workdir DIR] [--keep] [--profile]
 
 Generates the corpora in a fresh folder under --workdir, runs every measurement in
-MEASUREMENTS on every corpus, prints one markdown table and optionally writes JSON.
+MEASUREMENTS on every corpus (the physical limits, then the real service), prints the
+tables and optionally writes JSON. --profile instead runs only the small batch with the
+service under py-spy (or cProfile) and prints where its time goes.
 
 Example: python -m bench --quick --out /tmp/quick.json
 """
@@ -21,14 +23,14 @@ from pathlib import Path
 
 import pydicom
 
-from . import corpus
+from . import corpus, service
 from .limits import measure_limits
-from .results import Measurement, make_row, markdown_table, write_json
+from .results import Measurement, add_ratios, make_row, markdown_table, service_table, write_json
 
 LOGGER = logging.getLogger("bench")
 
-# Every measurement runs on every corpus, in this order. bench/service.py adds its
-# measure_service(corpus, paths, scratch) -> rows by appending to this list.
+# Every measurement runs on every corpus, in this order. main() appends bench/service.py's
+# measure_service(corpus, paths, scratch) -> rows, configured for --quick or full.
 MEASUREMENTS: list[Measurement] = [measure_limits]
 
 
@@ -67,17 +69,24 @@ def generate_corpora(plan: Plan, root: Path, meta: dict) -> tuple[dict[str, list
             corpus.check_native_pixel_data(max(paths, key=lambda p: p.stat().st_size))
         size = sum(p.stat().st_size for p in paths)
         rows.append(make_row(name, "generate", files=len(paths), bytes_=size, seconds=seconds))
+        rows[-1]["load_1m"] = [None, round(os.getloadavg()[0], 2)]
         corpora[name] = paths
     return corpora, rows
 
 
 def run_measurements(corpora: dict[str, list[Path]], scratch: Path,
                      measurements: list[Measurement]) -> list[dict]:
+    """Every measurement on every corpus; rows without their own load average get the
+    1-minute load before and after the measurement that made them."""
     rows = []
     for measure in measurements:
         for name, paths in corpora.items():
-            LOGGER.info("%s on %s (%d files)", measure.__name__, name, len(paths))
-            rows.extend(measure(name, paths, scratch))
+            load = round(os.getloadavg()[0], 2)
+            LOGGER.info("%s on %s (%d files), load %.2f", measure.__name__, name, len(paths), load)
+            made = measure(name, paths, scratch)
+            for row in made:
+                row.setdefault("load_1m", [load, round(os.getloadavg()[0], 2)])
+            rows.extend(made)
     return rows
 
 
@@ -103,7 +112,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--corpora", default=None, help="comma-separated subset of small,real,large")
     parser.add_argument("--small-count", type=int, default=None, help="instances in the small corpus")
     parser.add_argument("--keep", action="store_true", help="keep the corpus folder afterwards")
+    parser.add_argument("--only", choices=("limits", "service"), default=None,
+                        help="run only the physical limits or only the service measurements")
+    parser.add_argument("--backends", default="sqlite,postgres",
+                        help="service databases: comma-separated subset of sqlite,postgres")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="keep every service run's log here (default: a dicom-bench-logs-* "
+                             "folder in the temporary directory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the small batch (5,000 files; --small-count to change), with the "
+                             "service under py-spy (or cProfile), and print its top functions")
+    parser.add_argument("--profile-tool", choices=("auto", "py-spy", "cprofile"), default="auto")
     return parser.parse_args(argv)
+
+
+def service_settings(args: argparse.Namespace, log_dir: Path) -> service.Settings:
+    base = service.QUICK if args.quick else service.FULL
+    return replace(base, backends=tuple(args.backends.split(",")), log_dir=log_dir)
+
+
+def run_profile(args: argparse.Namespace, plan: Plan, root: Path, log_dir: Path) -> int:
+    from .profiling import run_profile as profile_batch
+
+    count = args.small_count or (plan.small_count if args.quick else 5_000)
+    paths = corpus.make_small(root / "corpora" / "small", count)
+    os.sync()
+    row, summary = profile_batch("small", paths, root / "scratch", service_settings(args, log_dir),
+                                 tool=args.profile_tool, out_dir=log_dir)
+    print(service_table([row]))
+    print(f"\n{row['files_per_s']} files/s under the profiler (it slows the service down)\n")
+    print(summary)
+    if args.out:
+        write_json(args.out, [row], {"profile": summary, **describe_host(root)})
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.small_count is not None:
         plan = replace(plan, small_count=args.small_count)
     root = Path(tempfile.mkdtemp(prefix="dicom-bench-", dir=args.workdir))
-    meta = {"quick": args.quick, "workdir": str(root), **describe_host(root)}
+    log_dir = args.logs or Path(tempfile.gettempdir()) / f"dicom-bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    meta = {"quick": args.quick, "workdir": str(root), "service_logs": str(log_dir), **describe_host(root)}
     try:
+        if args.profile:
+            return run_profile(args, plan, root, log_dir)
+        measurements = {"limits": [measure_limits], "service": []}.get(args.only, list(MEASUREMENTS))
+        if args.only != "limits":
+            measurements.append(service.measurement(service_settings(args, log_dir)))
         corpora, rows = generate_corpora(plan, root / "corpora", meta)
-        rows += run_measurements(corpora, root / "scratch", MEASUREMENTS)
+        rows += run_measurements(corpora, root / "scratch", measurements)
     finally:
         if args.keep:
             LOGGER.info("corpora kept in %s", root)
@@ -127,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     caches = sorted({row["cache"] for row in rows if row["cache"] != "n/a"})
     meta["page_cache"] = caches
+    add_ratios(rows)
     print(markdown_table(rows))
     print(f"\npage cache before each measurement: {', '.join(caches) or 'n/a'} "
           f"(cold = sync + drop_caches succeeded); MB = 10^6 bytes; real corpus: {meta.get('real_corpus')}")
+    if any(row.get("backend") for row in rows):
+        print("\n" + service_table(rows))
+        print(f"\nservice logs: {log_dir}")
     if args.out:
         write_json(args.out, rows, meta)
     return 0

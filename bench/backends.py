@@ -15,7 +15,7 @@ from pathlib import Path
 # saying it was a duplicate or a DICOMDIR (neither makes an instance).
 ACCOUNTED_SQL = ("SELECT (SELECT count(*) FROM instance) + (SELECT count(*) FROM rejection)"
                  " + (SELECT count(*) FROM history WHERE outcome IN ('duplicate', 'dicomdir'))")
-LAST_OUTCOME_SQL = ("SELECT max(at) FROM history"
+OUTCOME_SPAN_SQL = ("SELECT min(at), max(at) FROM history"
                     " WHERE outcome IN ('imported', 'duplicate', 'dicomdir', 'rejected')")
 OUTCOMES_SQL = "SELECT outcome, count(*) FROM history GROUP BY outcome"
 REASONS_SQL = "SELECT reason, count(*) FROM rejection GROUP BY reason"
@@ -66,9 +66,10 @@ class Backend:
         rows = self.query(ACCOUNTED_SQL)
         return rows[0][0] if rows else 0
 
-    def last_outcome_at(self) -> float | None:
-        rows = self.query(LAST_OUTCOME_SQL)
-        return to_epoch(rows[0][0]) if rows else None
+    def outcome_span(self) -> tuple[float | None, float | None]:
+        """When the first and the last file outcome were recorded (time.time() scale)."""
+        rows = self.query(OUTCOME_SPAN_SQL)
+        return (to_epoch(rows[0][0]), to_epoch(rows[0][1])) if rows else (None, None)
 
     def outcomes(self) -> dict[str, int]:
         return dict(self.query(OUTCOMES_SQL) or [])

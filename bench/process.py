@@ -66,7 +66,7 @@ class ServiceRun:
 
     def __init__(self, workdir: Path, backend: Backend, *, workers: int = 2, settle_seconds: float = 2,
                  rescan_seconds: float = 5, incomplete_seconds: float | None = None,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, keep_log: Path | None = None):
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
         self.drop = workdir / "drop"
@@ -78,6 +78,7 @@ class ServiceRun:
         self.log_path = workdir / "service.log"
         self.config_path = workdir / "watcher.toml"
         self.command = command or service_command()  # a profiler may wrap the service
+        self.keep_log = keep_log  # where the service's log is copied on cleanup
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         url = backend.create(workdir)
@@ -127,8 +128,9 @@ class ServiceRun:
             os.kill(self.pid, signal.SIGKILL)
             killed, code = True, self._wait_service(30)
         seconds = time.perf_counter() - started
-        if self.pid != self.proc.pid:  # a wrapper (py-spy) finishes writing its output
-            self.proc.wait(timeout=300)
+        if self.pid != self.proc.pid:  # a wrapper (py-spy) writes its output, then exits as it did
+            wrapper_code = self.proc.wait(timeout=300)
+            code = wrapper_code if code is None else code
         problems, warnings, sample = self.log_problems()
         self.backend.close()
         return Stopped(code, round(seconds, 3), killed, problems, warnings, sample)
@@ -151,6 +153,9 @@ class ServiceRun:
                 except ProcessLookupError:
                     pass
             self.proc.wait()
+        if self.keep_log is not None and self.log_path.exists():
+            self.keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log_path, self.keep_log)
         try:
             self.backend.drop()
         except Exception as exc:

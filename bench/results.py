@@ -40,15 +40,85 @@ def _cell(value) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Rows as a markdown table; bytes shown as MB."""
-    headers = ("corpus", "what", "procs", "cache", "files", "MB", "seconds", "files/s", "MB/s")
+def _table(headers, lines_of_cells) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        cells = (row["corpus"], row["what"], row["procs"], row["cache"], row["files"],
-                 row["bytes"] / 1e6, row["seconds"], row["files_per_s"], row["mb_per_s"])
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for cells in lines_of_cells]
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a markdown table; bytes shown as MB; ``vs limit`` where add_ratios found one."""
+    headers = ("corpus", "what", "procs", "cache", "files", "MB", "seconds", "files/s", "MB/s",
+               "vs limit", "load 1m")
+    return _table(headers, (
+        (row["corpus"], row["what"], row["procs"], row["cache"], row["files"], row["bytes"] / 1e6,
+         row["seconds"], row["files_per_s"], row["mb_per_s"],
+         f"{row['vs_limit']:.0%}" if row.get("vs_limit") is not None else None, _load(row))
+        for row in rows if not row.get("skipped")))
+
+
+def _load(row: dict) -> str | None:
+    """The 1-minute load average before→after, as recorded with the row."""
+    load = row.get("load_1m")
+    if not load:
+        return None
+    return "→".join("?" if value is None else f"{value:.2f}" for value in load)
+
+
+# Which limit a service row is held against: same corpus, copy_hash_fsync, warm page cache
+# (the dropped files were just read), as many processes as the service has workers; small
+# and real files are counted in files/s, large ones in MB/s. A lone file cannot be split
+# between two processes, so it is held against one.
+LIMIT_OF = {"small": ("small", 2, "files_per_s"), "real": ("real", 2, "files_per_s"),
+            "large": ("large", 2, "mb_per_s"), "2 GiB": ("large", 1, "mb_per_s")}
+
+
+def add_ratios(rows: list[dict], limit_what: str = "copy_hash_fsync") -> None:
+    """Give each service row (``backend`` set) ``limit`` and ``vs_limit`` = service / limit."""
+    for row in rows:
+        if not row.get("backend") or row.get("skipped") or row["corpus"] not in LIMIT_OF:
+            continue
+        corpus, procs, metric = LIMIT_OF[row["corpus"]]
+        limits = [r for r in rows if r["corpus"] == corpus and r["what"] == limit_what
+                  and r["procs"] == procs and r["cache"] == "warm" and r.get(metric)]
+        if limits and row.get(metric) is not None:
+            limit = limits[-1]  # the last warm row is the one that followed a cold read
+            row["limit"] = f"{corpus} {limit_what} {procs} procs warm: {limit[metric]:,} {metric}"
+            row["vs_limit"] = round(row[metric] / limit[metric], 3)
+
+
+def _latency(row: dict, key: str):
+    return (row.get("latency_ms") or {}).get(key)
+
+
+def _outcomes(row: dict) -> str:
+    counts = dict(row.get("outcomes") or {})
+    reasons = row.get("rejection_reasons") or {}
+    text = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    if reasons:
+        text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ")"
+    return text or "–"
+
+
+def service_table(rows: list[dict]) -> str:
+    """The service rows' other numbers: load, memory, CPU, latency, stop, what was left."""
+    headers = ("corpus", "what", "1st outcome s", "peak RSS MB", "CPU s/1000 files", "p50 ms", "p95 ms",
+               "p99 ms", "max ms", "missing", "stop s (exit)", "left in drop",
+               "log ERROR lines", "outcomes")
+    lines = []
+    for row in rows:
+        if not row.get("backend"):
+            continue
+        if row.get("skipped"):
+            lines.append((row["corpus"], row["what"], f"skipped: {row['skipped']}") + (None,) * 11)
+            continue
+        lines.append((
+            row["corpus"], row["what"], row.get("first_outcome_s"), row.get("peak_rss_mb"),
+            row.get("cpu_s_per_1000"), _latency(row, "p50"), _latency(row, "p95"), _latency(row, "p99"),
+            _latency(row, "max"), row.get("never_arrived", row.get("unaccounted")),
+            f"{row['stop_seconds']:.2f} ({row['exit_code']})", row.get("left_in_drop"),
+            row.get("log_problems"), _outcomes(row)))
+    return _table(headers, lines)
 
 
 def write_json(path: Path, rows: list[dict], meta: dict) -> None:

@@ -13,13 +13,14 @@ Every run gets a fresh database (SQLite file, or PostgreSQL ``bench_<pid>``) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
 import os
+import re
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .backends import Backend, Sqlite, available_backends
@@ -34,20 +35,31 @@ HOSTILE_LENGTH = 0xFFFFFFFE
 TWO_GIB = 2 << 30
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Settings:
     backends: tuple[str, ...] = ("sqlite", "postgres")
     stream_rate: float = 200.0  # files per second
     stream_seconds: float = 30.0
     backlog_files: int = 100_000
-    stall_seconds: float = 60.0  # no new outcome for this long: stop waiting, report what is missing
+    backlog_seconds: float = 150.0  # then stop it, backlog or not: the peak comes early
+    stall_seconds: float = 20.0  # no new outcome for this long (plus 1 s per 50 MB of the largest
+    # file): stop waiting and report what is missing
+    log_dir: Path | None = None  # keep each run's service log here
 
 
-QUICK = Settings(stream_rate=100.0, stream_seconds=5.0, backlog_files=2_000, stall_seconds=30.0)
+QUICK = Settings(stream_rate=100.0, stream_seconds=5.0, backlog_files=2_000, backlog_seconds=60.0,
+                 stall_seconds=10.0)
 FULL = Settings()
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+def service_run(workdir: Path, backend: Backend, settings: Settings, name: str, **options) -> ServiceRun:
+    """A fresh run; its log is kept as ``log_dir/<name>-<backend>.log`` when log_dir is set."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}-{backend.name}").strip("-").lower()
+    keep = settings.log_dir / f"{slug}.log" if settings.log_dir else None
+    return ServiceRun(workdir, backend, keep_log=keep, **options)
+
 
 def stage(paths: list[Path], staging: Path) -> list[Path]:
     """Hard-link the corpus into ``staging`` (same disk, no bytes copied); relative paths."""
@@ -75,13 +87,20 @@ def drop_all(relative: list[Path], staging: Path, drop: Path) -> None:
         os.rename(staging / rel, target)
 
 
-def wait_accounted(run: ServiceRun, expected: int, stall_seconds: float) -> int:
-    """Poll until ``expected`` files are accounted for, the count stalls, or the service dies."""
+def wait_accounted(run: ServiceRun, expected: int, stall_seconds: float,
+                   limit_seconds: float | None = None) -> int:
+    """Poll until ``expected`` files are accounted for, the count stalls for ``stall_seconds``,
+    ``limit_seconds`` have passed, or the service dies. Returns the count."""
     last, last_change = -1, time.monotonic()
+    deadline = None if limit_seconds is None else last_change + limit_seconds
     while True:
         count = run.backend.accounted()
         now = time.monotonic()
         if count >= expected:
+            return count
+        if deadline is not None and now > deadline:
+            LOGGER.info("%d of %d files accounted for after %.0f s; not waiting longer", count,
+                        expected, limit_seconds)
             return count
         if count != last:
             last, last_change = count, now
@@ -93,6 +112,13 @@ def wait_accounted(run: ServiceRun, expected: int, stall_seconds: float) -> int:
             LOGGER.error("the service exited with %s; log:\n%s", run.proc.returncode, run.log_tail())
             return count
         time.sleep(POLL_SECONDS)
+
+
+def span(backend: Backend, started: float) -> dict:
+    """Seconds from ``started`` to the first and to the last outcome in the database."""
+    first, last = backend.outcome_span()
+    return {"first_outcome_s": None if first is None else round(first - started, 3),
+            "seconds": float("nan") if last is None else last - started}
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -117,6 +143,7 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
         "idle_rss_mb": before.rss_mb, "peak_rss_mb": after.peak_rss_mb,
         "cpu_seconds": round(cpu, 2), "cpu_seconds_total": round(after.cpu_seconds, 2),
         "cpu_s_per_1000": round(cpu * 1000 / files, 2) if files else None,
+        "cpu_s_per_gb": round(cpu * 1e9 / row["bytes"], 2) if row["bytes"] else None,
         "outcomes": outcomes, "rejection_reasons": reasons,
         "left_in_drop": len(left), "left_sample": left[:5], "archive_temporaries": temporaries,
         "exit_code": stopped.exit_code, "stop_seconds": stopped.stop_seconds, "killed": stopped.killed,
@@ -134,24 +161,23 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
 def batch(corpus: str, paths: list[Path], workdir: Path, backend: Backend, settings: Settings,
           what: str = "service batch", command: list[str] | None = None) -> dict:
     """Rename the whole corpus into the drop folder of a running service; time until all is in."""
-    size = sum(p.stat().st_size for p in paths)
-    with ServiceRun(workdir, backend, command=command) as run:
+    sizes = [p.stat().st_size for p in paths]
+    size = sum(sizes)
+    stall = settings.stall_seconds + max(sizes) / 50e6
+    with service_run(workdir, backend, settings, f"{corpus} {what}", command=command) as run:
         relative = stage(paths, run.staging)
         run.start()
         before, load_start = run.stats(), load_1m()
         started = time.time()
         drop_all(relative, run.staging, run.drop)
         drop_seconds = time.time() - started
-        count = wait_accounted(run, len(paths), settings.stall_seconds)
-        last = backend.last_outcome_at()
-        seconds = (last - started) if last else float("nan")
+        count = wait_accounted(run, len(paths), stall)
+        times = span(backend, started)
         row = make_row(corpus, f"{what} ({backend.name})", files=len(paths), bytes_=size,
-                       seconds=seconds, cache="warm")
+                       seconds=times["seconds"], cache="warm")
         row.update({"accounted": count, "unaccounted": len(paths) - count,
-                    "drop_seconds": round(drop_seconds, 3)})
+                    "drop_seconds": round(drop_seconds, 3), "first_outcome_s": times["first_outcome_s"]})
         finish(run, row, before, load_start, len(paths))
-        if command is not None:
-            row["profile_log"] = str(run.log_path)
     LOGGER.info("%s", row)
     return row
 
@@ -180,7 +206,7 @@ def stream(workdir: Path, backend: Backend, settings: Settings) -> dict:
     """Steady writes at ``stream_rate`` for ``stream_seconds``; latency percentiles of imported_at."""
     count = int(settings.stream_rate * settings.stream_seconds)
     payloads = [data for _, data in small_instances(count, seed=7)]
-    with ServiceRun(workdir, backend) as run:
+    with service_run(workdir, backend, settings, "stream") as run:
         run.start()
         before, load_start = run.stats(), load_1m()
         out = run.workdir / "writer.json"
@@ -193,8 +219,10 @@ def stream(workdir: Path, backend: Backend, settings: Settings) -> dict:
         written = json.loads(out.read_text())
         accounted = wait_accounted(run, count, min(settings.stall_seconds, 20))
         imported = backend.imported_at()
-        latencies = sorted((imported[name] - at) * 1000 for name, at in written["renamed"].items()
-                           if name in imported)
+        in_order = [(imported[name] - at) * 1000 for name, at in sorted(written["renamed"].items())
+                    if name in imported]
+        latencies = sorted(in_order)
+        tenth = max(1, len(in_order) // 10)  # does it keep up? compare the first and last tenth
         row = make_row("stream", f"service stream ({backend.name})", files=count,
                        bytes_=sum(map(len, payloads)), seconds=written["seconds"], cache="warm")
         row.update({
@@ -202,6 +230,10 @@ def stream(workdir: Path, backend: Backend, settings: Settings) -> dict:
             "latency_ms": {f"p{q}": round(percentile(latencies, q), 1) if latencies else None
                            for q in (50, 95, 99)},
             "never_arrived": count - len(latencies), "accounted": accounted,
+            "p50_first_tenth_ms": round(percentile(sorted(in_order[:tenth]), 50), 1) if in_order else None,
+            "p50_last_tenth_ms": round(percentile(sorted(in_order[-tenth:]), 50), 1) if in_order else None,
+            "drain_seconds": round(max(imported.values()) - max(written["renamed"].values()), 3)
+            if imported else None,
         })
         row["latency_ms"]["max"] = round(latencies[-1], 1) if latencies else None
         row["latency_ms"]["min"] = round(latencies[0], 1) if latencies else None
@@ -213,7 +245,7 @@ def stream(workdir: Path, backend: Backend, settings: Settings) -> dict:
 def backlog(workdir: Path, backend: Backend, settings: Settings) -> dict:
     """``backlog_files`` tiny files wait in the drop folder before the service starts."""
     count = settings.backlog_files
-    with ServiceRun(workdir, backend) as run:
+    with service_run(workdir, backend, settings, "backlog") as run:
         size, made = 0, set()
         for rel, data in small_instances(count, seed=11, rows=8, columns=8):
             target = run.drop / rel
@@ -227,15 +259,16 @@ def backlog(workdir: Path, backend: Backend, settings: Settings) -> dict:
         started = time.time()
         heartbeat_seconds = run.start()
         at_heartbeat = run.stats()
-        accounted = wait_accounted(run, count, settings.stall_seconds)
-        last = backend.last_outcome_at()
-        row = make_row("backlog", f"memory: backlog ({backend.name})", files=count, bytes_=size,
-                       seconds=(last - started) if last else float("nan"), cache="warm")
-        row.update({"accounted": accounted, "unaccounted": count - accounted,
+        accounted = wait_accounted(run, count, settings.stall_seconds,
+                                   settings.backlog_seconds - heartbeat_seconds)
+        times = span(backend, started)
+        row = make_row("backlog", f"memory: backlog of {count:,} files ({backend.name})", files=accounted,
+                       bytes_=size * accounted // count, seconds=times["seconds"], cache="warm")
+        row.update({"first_outcome_s": times["first_outcome_s"], "backlog_files": count, "accounted": accounted, "unaccounted": count - accounted,
                     "start_seconds": round(heartbeat_seconds, 2),
                     "rss_at_heartbeat_mb": at_heartbeat.rss_mb})
-        at_heartbeat.cpu_seconds = 0.0  # count the start-up scan too
-        finish(run, row, at_heartbeat, load_start, count)
+        from_start = dataclasses.replace(at_heartbeat, cpu_seconds=0.0)  # the start-up scan counts too
+        finish(run, row, from_start, load_start, accounted)
     LOGGER.info("%s", row)
     return row
 
@@ -253,17 +286,15 @@ def hostile_file() -> bytes:
 def hostile(workdir: Path, backend: Backend, settings: Settings) -> dict:
     """One hostile file; incomplete_seconds = 3 so that the wait for it ends quickly."""
     data = hostile_file()
-    with ServiceRun(workdir, backend, incomplete_seconds=3) as run:
+    with service_run(workdir, backend, settings, "hostile", incomplete_seconds=3) as run:
         (run.staging / "hostile.dcm").write_bytes(data)
         run.start()
         before, load_start = run.stats(), load_1m()
         started = time.time()
         os.rename(run.staging / "hostile.dcm", run.drop / "hostile.dcm")
         accounted = wait_accounted(run, 1, 30)
-        last = backend.last_outcome_at()
         row = make_row("hostile", f"memory: Pixel Data length 0xFFFFFFFE ({backend.name})", files=1,
-                       bytes_=len(data), seconds=(last - started) if last else float("nan"),
-                       moves_bytes=False)
+                       bytes_=len(data), seconds=span(backend, started)["seconds"], moves_bytes=False)
         row.update({"accounted": accounted, "unaccounted": 1 - accounted})
         finish(run, row, before, load_start, 1)
     LOGGER.info("%s", row)

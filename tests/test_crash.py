@@ -36,8 +36,9 @@ CRASHER = textwrap.dedent("""
 """)
 
 STEPS = {
-    "original written, before its rename": ("archive", "fsync_dir", False),
-    "stored, before commit": ("catalog", "record_instance", False),
+    "original in a temporary file, before its rename": ("archive", "_write_temp", True),
+    "renamed, before the folder fsync": ("archive", "fsync_dir", False),
+    "stored, before commit": ("catalog", "record_instances", False),
     "committed, before the source is removed": ("dispose", "remove_source", False),
     "source removed, before anything else": ("dispose", "remove_source", True),
     "rejection recorded, before the move": ("dispose", "move", False),

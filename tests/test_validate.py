@@ -53,11 +53,14 @@ def test_reads_identity_and_browse_attributes(tmp_path):
     assert info.attributes["StudyDescription"] == "Brain PET"
 
 
-def test_truncation_at_every_point_is_never_complete(tmp_path):
-    """Cut a CT file at many points: each is 'not ready' (or not DICOM before 'DICM')."""
-    src = write(tmp_path / "full.dcm", ct(rows=16, columns=16))
+@pytest.mark.parametrize("uid_length", [20, 41, 64])
+def test_truncation_at_every_byte_is_never_complete(tmp_path, uid_length):
+    """Cut a CT file at every byte: each is 'not ready' (or not DICOM before 'DICM')."""
+    uid = "1." + "2" * (uid_length - 2)
+    src = write(tmp_path / "full.dcm", ct(rows=16, columns=16, sop_uid=uid, study_uid=uid[:-1] + "3",
+                                          series_uid=uid[:-1] + "4"))
     size = src.stat().st_size
-    for at in list(range(0, 140)) + list(range(140, size, 7)):
+    for at in range(size):
         part = cut(src, tmp_path / "part.dcm", at)
         try:
             check(part)
@@ -90,10 +93,26 @@ def test_native_pixel_data_shorter_than_its_attributes_is_truncated(tmp_path):
     assert rejected(write(tmp_path / "short.dcm", ds)).reason == "truncated"
 
 
+@pytest.mark.parametrize("cut_before", ["Rows", "PixelData"])
+def test_image_cut_at_an_element_boundary_before_its_pixels_is_not_ready(tmp_path, cut_before):
+    ds = ct()
+    for keyword in [k for k in ds.dir() if ds.data_element(k).tag >= ds.data_element(cut_before).tag]:
+        delattr(ds, keyword)
+    with pytest.raises(NotReady, match="Pixel Data"):
+        check(write(tmp_path / "cut.dcm", ds))
+
+
+def test_image_whose_pixel_data_is_missing_mid_file_is_rejected(tmp_path):
+    ds = ct()
+    del ds.PixelData
+    ds.add_new(0x7FE10010, "OB", b"\0\0")  # a private element after where Pixel Data belongs
+    assert rejected(write(tmp_path / "nopix.dcm", ds)).reason == "missing-attribute"
+
+
 def test_rows_and_columns_without_pixel_data_is_not_ready(tmp_path):
     ds = ct()
     del ds.PixelData
-    with pytest.raises(NotReady, match="no Pixel Data"):
+    with pytest.raises(NotReady, match="Pixel Data"):
         check(write(tmp_path / "nopix.dcm", ds))
 
 

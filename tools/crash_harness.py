@@ -1,4 +1,4 @@
-"""Kill the real service with SIGKILL again and again while files arrive, then prove nothing was lost.
+"""SIGKILL the real service again and again while files arrive, then prove nothing was lost.
 
 Usage:
     python tools/crash_harness.py --rounds 20 --files 3000 --db sqlite|postgresql
@@ -40,7 +40,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 PG_SERVER = os.environ.get("WATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-KINDS = ("valid", "large", "duplicate", "conflict", "junk")
 JUNK = {  # name -> how it starts; none of these may look like DICOM
     "README.TXT": b"Thank you for using this disc.\r\n",
     "AUTORUN.INF": b"[autorun]\r\nopen=VIEWER.EXE\r\n",
@@ -80,6 +79,7 @@ class Kill:
 class Result:
     workdir: str
     database: str
+    watcher: str = ""  # which code was tested: commit, and a hash of the package's sources
     rounds: int = 0
     survived: int = 0
     files: int = 0
@@ -96,6 +96,7 @@ class Result:
     distinct_uids: int = 0
     left_in_drop: int = 0
     orphans: int = 0
+    orphan_kinds: dict = field(default_factory=dict)  # what the orphans' bytes were dropped as
     temporary: int = 0
     verify_exit: int | None = None
     final_exit: int | None = None
@@ -125,7 +126,8 @@ def _uid(rng: random.Random) -> str:
     return f"2.25.{uuid.UUID(int=rng.getrandbits(128), version=4).int}"
 
 
-def _ct(rng, study, series, patient, number, rows, cols, pixels=None) -> Dataset:
+def _ct(rng, study, series, patient, number, rows, cols) -> Dataset:
+    """A complete CT image, explicit VR little endian, with random 16-bit pixels."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -142,7 +144,7 @@ def _ct(rng, study, series, patient, number, rows, cols, pixels=None) -> Dataset
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels if pixels is not None else rng.randbytes(rows * cols * 2)
+    ds.PixelData = rng.randbytes(rows * cols * 2)
     return ds
 
 
@@ -159,7 +161,7 @@ def build_corpus(staging: Path, files: int, large: int, rng: random.Random,
 
     About 2 % duplicates (same bytes, another name), 2 % conflicts (same SOP
     Instance UID, other bytes), 4 % junk, ``large`` files of ``large_mb`` MB of
-    native pixel data (half of them copied in slowly), the rest small CT images.
+    native pixel data (every other one copied in slowly), the rest small CT images.
     Duplicates and conflicts come after the file they collide with.
     """
     n_dup = max(1, files // 50)
@@ -188,7 +190,8 @@ def build_corpus(staging: Path, files: int, large: int, rng: random.Random,
             ds = _ct(rng, _uid(rng), _uid(rng), f"BIG{len(items):05d}", 1, rows, cols)
             rel = f"big/{len(items):05d}_{mb:.0f}MB.dcm"
             data = _save(ds, staging / rel)
-            items.append(_item(rel, "large", data, ds.SOPInstanceUID, slow=rng.random() < 0.5))
+            slow = sum(1 for it in items if it.kind == "large") % 2 == 1  # every other one
+            items.append(_item(rel, "large", data, ds.SOPInstanceUID, slow=slow))
             continue
         if series_left == 0:  # a new series, sometimes in a new study of a new patient
             if not study or rng.random() < 0.3:
@@ -204,31 +207,25 @@ def build_corpus(staging: Path, files: int, large: int, rng: random.Random,
         data = _save(ds, staging / rel)
         datasets[rel] = ds
         items.append(_item(rel, "valid", data, ds.SOPInstanceUID))
-    originals = [i for i, it in enumerate(items) if it.kind == "valid"]
-    larges = [i for i, it in enumerate(items) if it.kind == "large"]
-    extra = []  # (after index, item)
-    picked = rng.sample(originals, n_dup - 1 if larges else n_dup)
-    for at in (larges[:1] + picked) if larges else picked:  # one duplicate of a large file
-        orig = items[at]
+    small = [it for it in items if it.kind == "valid"]
+    larges = [it for it in items if it.kind == "large"]
+    extra = []
+    for orig in larges[:1] + rng.sample(small, n_dup - len(larges[:1])):  # one of a large file
         rel = f"again/{orig.rel}"
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(staging / orig.rel, staging / rel)
-        extra.append((at, Item(rel, "duplicate", orig.sha256, orig.size, orig.sop_instance_uid,
-                               slow=orig.slow, of=orig.rel)))
-    for at in rng.sample(originals, n_conflict):
-        orig = items[at]
+        extra.append(Item(rel, "duplicate", orig.sha256, orig.size, orig.sop_instance_uid,
+                          slow=orig.slow, of=orig.rel))
+    for orig in rng.sample(small, n_conflict):
         ds = datasets[orig.rel]
         ds.SeriesDescription = "Axial (re-exported)"  # same UIDs, other bytes
         rel = f"edited/{orig.rel}"
-        data = _save(ds, staging / rel)
-        extra.append((at, _item(rel, "conflict", data, ds.SOPInstanceUID, of=orig.rel)))
-    for at, item in extra:
-        items.insert(rng.randint(items.index(_by_rel(items, item.of)) + 1, len(items)), item)
+        extra.append(_item(rel, "conflict", _save(ds, staging / rel), ds.SOPInstanceUID,
+                           of=orig.rel))
+    for item in extra:
+        after = next(n for n, it in enumerate(items) if it.rel == item.of)
+        items.insert(rng.randint(after + 1, len(items)), item)
     return items
-
-
-def _by_rel(items, rel):
-    return next(it for it in items if it.rel == rel)
 
 
 def _item(rel, kind, data, uid=None, slow=False, of=None) -> Item:
@@ -292,7 +289,7 @@ class Dropper:
         self._thread.join(timeout)
 
     def _retry_on_vanished_folder(self, action, rel: str) -> None:
-        """The service removes emptied sub-folders once quiet for a minute: if it just did, make it again."""
+        """The service removes sub-folders emptied a minute ago: if it just did, make it again."""
         for attempt in range(5):
             (self.drop / rel).parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -323,12 +320,8 @@ class Dropper:
         src, dest = self.staging / item.rel, self.drop / item.rel
         via_part = self.rng.random() < 0.5
         target = dest.with_name(dest.name + ".part") if via_part else dest
-        out = [None]
-
-        def open_target():
-            out[0] = open(target, "wb")
-        self._retry_on_vanished_folder(open_target, item.rel)
-        with open(src, "rb") as f, out[0] as w:
+        w = self._retry_on_vanished_folder(lambda: open(target, "wb"), item.rel)
+        with open(src, "rb") as f, w:
             while chunk := f.read(self.rng.randint(1, 6) << 20):
                 w.write(chunk)
                 w.flush()
@@ -398,6 +391,21 @@ def watcher_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "watcher"]
 
 
+def watcher_version() -> str:
+    """The commit of the watcher under test and a hash of its sources as they are on disk."""
+    import watcher
+    package = Path(watcher.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(package), "log", "-1", "--format=%h"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        head = ""
+    return f"{head or 'unknown commit'}, sources {digest.hexdigest()[:12]}"
+
+
 def write_config(workdir: Path, url: str) -> Path:
     path = workdir / "watcher.toml"
     path.write_text(
@@ -416,7 +424,7 @@ def start_service(config: Path, log: Path) -> subprocess.Popen:
 
 
 def kill_delay(rng: random.Random) -> float:
-    """How long a round lets the service live: right after start, mid-work, or long enough to drain."""
+    """How long a round lets the service live: start-up, mid-work, or long enough to drain."""
     band = rng.random()
     if band < 0.2:
         return rng.uniform(0.0, 0.7)  # start-up: imports, connect, migrate, first rescan
@@ -449,11 +457,12 @@ def _phase(log_text: str, tmp_before: set, tmp_after: set, copying: int, in_drop
 
 def run(workdir, rounds: int = 20, files: int = 3000, database: str = "sqlite", seed: int = 1,
         large: int | None = None, large_mb=(20, 60), timeout: float = 600.0,
-        pg_server: str = PG_SERVER, echo=None) -> Result:
+        pg_server: str = PG_SERVER, echo=None, keep: str = "never") -> Result:
     """Run the whole experiment in ``workdir`` (created; must be empty).
 
     ``database``: ``sqlite``, ``postgresql`` (a fresh database is created on
-    ``pg_server`` and dropped afterwards) or a database URL to use as it is.
+    ``pg_server`` and dropped afterwards, unless ``keep`` is ``always``, or
+    ``failed`` and a check failed) or a database URL to use as it is.
     """
     started = time.monotonic()
     say = echo or (lambda *_: None)
@@ -473,7 +482,7 @@ def run(workdir, rounds: int = 20, files: int = 3000, database: str = "sqlite", 
         url = created_db = _create_pg_database(pg_server)
     else:
         url = database
-    result = Result(str(workdir), url.split("://")[0], rounds=rounds)
+    result = Result(str(workdir), url, watcher_version(), rounds=rounds)
     try:
         say(f"generating {files} files ({large} large) in {staging}")
         items = build_corpus(staging, files, large, rng, large_mb)
@@ -494,7 +503,7 @@ def run(workdir, rounds: int = 20, files: int = 3000, database: str = "sqlite", 
         check(result, items, workdir, url, config)
         _scan_logs(result, logs)
     finally:
-        if created_db:
+        if created_db and not (keep == "always" or keep == "failed" and not result.ok):
             _drop_pg_database(created_db)
     result.seconds = round(time.monotonic() - started, 1)
     (workdir / "result.json").write_text(json.dumps(result.as_dict(), indent=1))
@@ -504,57 +513,82 @@ def run(workdir, rounds: int = 20, files: int = 3000, database: str = "sqlite", 
 def _rounds(result, items, rounds, rng, config, drop, workdir, logs, dropper, say) -> None:
     per_round = -(-len(items) // rounds)
     slices = [items[i * per_round:(i + 1) * per_round] for i in range(rounds)]
-    db = Db(str(_url_of(config)))
+    db = Db(_url_of(config))
     try:
         for r, batch in enumerate(slices):
-            before = int(len(batch) * rng.uniform(0.3, 1.0))
-            for item in batch[:before]:
-                dropper.drop_item(item)
-            delay = kill_delay(rng)
-            offsets = sorted(rng.uniform(0, delay) for _ in batch[before:])
-            log = logs / f"round-{r:02d}.log"
-            tmp_before = set(_tmp_files(workdir))
-            t0 = time.monotonic()
-            proc = start_service(config, log)
-            for offset, item in zip(offsets, batch[before:]):
-                time.sleep(max(0.0, t0 + offset - time.monotonic()))
-                dropper.drop_item(item)
-            time.sleep(max(0.0, t0 + delay - time.monotonic()))
-            alive = proc.poll() is None
-            copying = dropper.copying()
-            proc.send_signal(signal.SIGKILL)
-            code = proc.wait()
-            after = time.monotonic() - t0
-            in_drop = len(files_below(drop))
-            text = log.read_text("utf-8", "replace")
-            kill = Kill(r, round(after, 3), _phase(text, tmp_before, set(_tmp_files(workdir)),
-                                                    copying, in_drop),
-                        alive, None if alive else code, in_drop,
-                        _count(db, "instance"), copying, _last_line(log))
+            kill = _round(r, batch, rng, config, drop, workdir, logs / f"round-{r:02d}.log",
+                          dropper, db)
             result.kills.append(kill)
-            if alive:
+            if kill.alive:
                 result.survived += 1
             else:
-                result.problems.append(f"round {r}: the service exited by itself with code {code} "
-                                       f"before the kill ({log}): {kill.last_log}")
-            say(f"round {r:2d}: killed after {after:5.2f} s ({kill.phase}), {in_drop} files in the "
-                f"drop folder, {kill.instances} instances, {copying} slow copies")
+                result.problems.append(f"round {r}: the service exited by itself with code "
+                                       f"{kill.exit_code} before the kill: {kill.last_log}")
+            say(f"round {r:2d}: killed after {kill.after_s:5.2f} s ({kill.phase}), {kill.in_drop} "
+                f"files in the drop folder, {kill.instances} instances, "
+                f"{kill.slow_copies} slow copies")
     finally:
         db.close()
+
+
+def _round(r, batch, rng, config, drop, workdir, log, dropper, db) -> Kill:
+    """Drop part of the slice, start the service, drop the rest while it runs, SIGKILL it.
+
+    In about a third of the rounds the kill waits for a temporary file to
+    appear in archive/.tmp (a store in progress: often a large file) and
+    lands a few milliseconds after it, unless the round's time runs out first.
+    """
+    before = int(len(batch) * rng.uniform(0.3, 1.0))
+    for item in batch[:before]:
+        dropper.drop_item(item)
+    hunt_store = rng.random() < 0.35
+    delay = rng.uniform(1.0, 9.0) if hunt_store else kill_delay(rng)
+    jitter = rng.choice((0.0, 0.005, 0.02, 0.05, 0.15))
+    later = sorted(zip((rng.uniform(0, delay) for _ in batch[before:]), batch[before:]),
+                   key=lambda pair: pair[0])
+    tmp_before = set(_tmp_files(workdir))
+    t0 = time.monotonic()
+    proc = start_service(config, log)
+    try:
+        deadline = t0 + delay
+        while time.monotonic() < deadline:
+            while later and t0 + later[0][0] <= time.monotonic():
+                dropper.drop_item(later.pop(0)[1])
+            if hunt_store and set(_tmp_files(workdir)) - tmp_before:
+                deadline, hunt_store = time.monotonic() + jitter, False
+            time.sleep(0.003 if hunt_store else 0.01)
+    finally:
+        alive, copying = proc.poll() is None, dropper.copying()
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+    after = time.monotonic() - t0
+    for _, item in later:  # the rest of the slice arrives while the service is down
+        dropper.drop_item(item)
+    in_drop = len(files_below(drop))
+    phase = _phase(log.read_text("utf-8", "replace"), tmp_before, set(_tmp_files(workdir)),
+                   copying, in_drop)
+    return Kill(r, round(after, 3), phase, alive, None if alive else code, in_drop,
+                _count(db, "instance"), copying, _last_line(log))
 
 
 def _final_run(result, config, drop, logs, dropper, timeout, say) -> None:
     log = logs / "final.log"
     t0 = time.monotonic()
     proc = start_service(config, log)
-    while time.monotonic() - t0 < timeout and proc.poll() is None:
-        if not dropper.copying() and not files_below(drop):
-            break
-        time.sleep(0.25)
+    try:
+        while time.monotonic() - t0 < timeout and proc.poll() is None:
+            if not dropper.copying() and not files_below(drop):
+                break
+            time.sleep(0.25)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     left = files_below(drop)
     if left or dropper.copying():
-        result.problems.append(f"the drop folder still holds {len(left)} files after {timeout:.0f} s "
-                               f"(first: {left[:5]}), {dropper.copying()} slow copies running")
+        result.problems.append(f"the drop folder still holds {len(left)} files after "
+                               f"{timeout:.0f} s (first: {left[:5]}), "
+                               f"{dropper.copying()} slow copies running")
     else:
         result.drained_s = round(time.monotonic() - t0, 1)
     if proc.poll() is not None:
@@ -580,7 +614,7 @@ def _url_of(config: Path) -> str:
 
 
 def _tmp_files(workdir: Path) -> list[str]:
-    return files_below(workdir / "archive" / ".tmp") if (workdir / "archive" / ".tmp").exists() else []
+    return files_below(workdir / "archive" / ".tmp")  # [] while it does not exist
 
 
 def _count(db: Db, table: str) -> int:
@@ -597,9 +631,16 @@ def check(result: Result, items: list[Item], workdir: Path, url: str, config: Pa
     try:
         instances = db.rows("SELECT sop_instance_uid, sha256, stored_path, source FROM instance")
         rejections = db.rows("SELECT source, reason, path, sha256 FROM rejection")
+        events = set(db.rows("SELECT outcome, source FROM history"))
+        heartbeat = db.rows("SELECT state FROM heartbeat WHERE node = 'crash'")
+        claims = db.rows("SELECT path, node FROM claim")  # [] where the table does not exist
     finally:
         db.close()
     problems = result.problems
+    if [h[0] for h in heartbeat] != ["stopped"]:
+        problems.append(f"after SIGTERM the heartbeat of node crash says {heartbeat}, not stopped")
+    if claims:
+        problems.append(f"{len(claims)} claims outlive the clean stop, e.g. {claims[:3]}")
     intact = {}  # stored_path -> sha256 of the file there, None when missing
     for _, _, stored, _ in instances:
         p = archive / stored
@@ -623,19 +664,23 @@ def check(result: Result, items: list[Item], workdir: Path, url: str, config: Pa
         found = sha256_of(path) if os.path.isfile(path) else None
         rej_by_source[source].append((reason, path, found))
         if found is None:
-            problems.append(f"rejection row for {source} ({reason}) points at {path}, which is missing")
+            problems.append(f"rejection row for {source} ({reason}): {path} is missing")
         elif sha and found != sha:
-            problems.append(f"rejection row for {source} ({reason}): {path} does not hold its bytes")
+            problems.append(f"rejection row for {source} ({reason}): {path} is not its bytes")
     for rel in files_below(rejected):
         if os.path.realpath(rejected / rel) not in rejected_paths:
             problems.append(f"rejected/{rel} lies in the rejected folder without a rejection row")
 
-    known_shas = {i.sha256 for i in items}
-    for row in instances:
-        if row[1] not in known_shas:
+    dropped = {i.sha256: i for i in items}
+    for uid, sha, _, source in instances:
+        if sha not in dropped:
             result.foreign_rows += 1
-            problems.append(f"instance {row[0]} from {row[3]} has bytes that were never dropped "
-                            f"(sha256 {row[1][:12]}…): a partial or altered file was imported")
+            problems.append(f"instance {uid} from {source} has bytes that were never dropped "
+                            f"(sha256 {sha[:12]}…): a partial or altered file was imported")
+        elif dropped[sha].sop_instance_uid != uid:
+            result.foreign_rows += 1
+            problems.append(f"instance {uid} from {source} holds the bytes of {dropped[sha].rel}, "
+                            f"whose SOP Instance UID is {dropped[sha].sop_instance_uid}")
     for uid, rows in by_uid.items():
         if len(rows) > 1:
             result.duplicated += len(rows) - 1
@@ -643,8 +688,8 @@ def check(result: Result, items: list[Item], workdir: Path, url: str, config: Pa
     valid_uids = {i.sop_instance_uid for i in items if i.sop_instance_uid}
     result.instance_rows, result.distinct_uids = len(instances), len(valid_uids)
     if len(instances) != len(valid_uids):
-        problems.append(f"{len(instances)} instance rows for {len(valid_uids)} distinct SOP Instance "
-                        "UIDs dropped")
+        problems.append(f"{len(instances)} instance rows for {len(valid_uids)} distinct "
+                        "SOP Instance UIDs dropped")
 
     left = set(files_below(drop))
     result.left_in_drop = len(left)
@@ -677,6 +722,8 @@ def check(result: Result, items: list[Item], workdir: Path, url: str, config: Pa
             result.imported += 1
         else:
             result.duplicates += 1
+        if (way.split(":")[0], item.rel) not in events:
+            problems.append(f"{item.rel} ({item.kind}) ended {way} without a history line")
         wanted = _expected(item, by_uid)
         if way not in wanted:
             result.misfiled += 1
@@ -684,7 +731,7 @@ def check(result: Result, items: list[Item], workdir: Path, url: str, config: Pa
         if item.kind == "conflict" and way != "rejected:conflict":
             result.conflicts_inverted += 1
     result.rejected = dict(rejected_counts)
-    _verify(result, config)
+    _verify(result, config, items)
 
 
 def _expected(item: Item, by_uid) -> tuple:
@@ -699,7 +746,7 @@ def _expected(item: Item, by_uid) -> tuple:
     return ("imported", "duplicate")
 
 
-def _verify(result: Result, config: Path) -> None:
+def _verify(result: Result, config: Path, items: list[Item]) -> None:
     proc = subprocess.run([*watcher_command(), "-q", "verify", "--json", "--config", str(config)],
                           capture_output=True, text=True, timeout=600)
     result.verify_exit = proc.returncode
@@ -710,6 +757,9 @@ def _verify(result: Result, config: Path) -> None:
                                f"{proc.stderr.strip()[-300:]}")
         return
     result.orphans, result.temporary = len(report["orphans"]), len(report["temporary"])
+    kinds = {i.sha256: i.kind for i in items}
+    result.orphan_kinds = dict(collections.Counter(
+        kinds.get(Path(o).stem, "unknown bytes") for o in report["orphans"]))
     if proc.returncode != 0:
         result.problems.append(f"verify exited {proc.returncode}: missing {report['missing'][:5]}, "
                                f"mismatched {report['mismatched'][:5]}")
@@ -735,7 +785,7 @@ def summary(r: Result) -> str:
     phases = collections.Counter(k.phase for k in r.kills)
     moments = sorted(k.after_s for k in r.kills)
     lines = [
-        f"database {r.database}, work folder {r.workdir}",
+        f"database {r.database}\nwork folder {r.workdir}\nwatcher {r.watcher}",
         f"rounds survived {r.survived}/{r.rounds}; kills after {moments[0] if moments else '-'}–"
         f"{moments[-1] if moments else '-'} s; phases {dict(phases)}",
         f"files dropped {r.files} {r.by_kind}",
@@ -744,7 +794,8 @@ def summary(r: Result) -> str:
         f"instance rows {r.instance_rows} for {r.distinct_uids} distinct SOP Instance UIDs",
         f"LOST {r.lost}, DUPLICATED {r.duplicated}, misfiled {r.misfiled}, foreign rows "
         f"{r.foreign_rows}, rows without file {r.rows_without_file}, left in drop {r.left_in_drop}",
-        f"verify exit {r.verify_exit}: orphans {r.orphans}, temporary {r.temporary}",
+        f"verify exit {r.verify_exit}: orphans {r.orphans} {r.orphan_kinds or ''}, "
+        f"temporary {r.temporary}",
         f"final run drained in {r.drained_s} s, SIGTERM exit {r.final_exit}; "
         f"folders re-made under the writer {r.folder_races}",
         f"time {r.seconds} s",
@@ -764,19 +815,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--db", default="sqlite", help="sqlite, postgresql, or a database URL")
-    parser.add_argument("--workdir", type=Path, help="an absent or empty folder (default: a new temporary one)")
+    parser.add_argument("--workdir", type=Path,
+                        help="an absent or empty folder (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--large", type=int, default=None, help="large files (default: files / 200, at least 2)")
+    parser.add_argument("--large", type=int, default=None,
+                        help="large files (default: files / 200, at least 2)")
     parser.add_argument("--large-mb", type=float, nargs=2, default=(20, 60), metavar=("MIN", "MAX"))
-    parser.add_argument("--timeout", type=float, default=600, help="seconds the final run may take to drain")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds the final run may take to drain")
     parser.add_argument("--pg-server", default=PG_SERVER)
-    parser.add_argument("--keep", action="store_true", help="keep the work folder even when all is well")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (and PostgreSQL database) even when all is well")
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crash-harness-"))
     result = run(workdir, args.rounds, args.files, args.db, args.seed, args.large,
                  tuple(args.large_mb), args.timeout, args.pg_server,
-                 echo=lambda msg: print(msg, flush=True))
+                 echo=lambda msg: print(msg, flush=True), keep="always" if args.keep else "failed")
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
     print(summary(result))

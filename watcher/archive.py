@@ -1,13 +1,17 @@
 """Store an original, byte for byte, durably, under the name of its content.
 
-Layout: ``<archive>/<sha[0:2]>/<sha[2:4]>/<sha256>.dcm``. The same bytes always
-land at the same path, so storing is idempotent: a crash after the rename and
-before the database commit leaves a file the next attempt simply finds.
+Layout: ``<archive>/<YYYY>/<MM>/<DD>/<sha256>.dcm`` (the UTC day it was stored).
+The same bytes on the same day land at the same path, so storing is
+idempotent: a crash after the rename and before the database commit leaves a
+file the next attempt simply finds. One folder a day also means one folder
+fsync serves a whole batch of files (watcher/commit.py).
 
 Order: write a temporary file in ``<archive>/.tmp``, fsync it, rename it to its
-final name, fsync the folder. Only then may a database row point at it.
+final name; the caller fsyncs the folder (``Stored.folder``) before any
+database row may point at it.
 """
 
+import datetime
 import errno
 import hashlib
 import os
@@ -25,28 +29,32 @@ class Stored:
     relpath: str  # relative to the archive folder
     sha256: str
     size: int
-    created: bool  # False when these bytes were already in the archive
+    created: bool  # False when these bytes were already there
+    folder: Path  # fsync this before a row points at the file
 
 
-def content_path(sha256: str) -> str:
-    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+def content_path(sha256: str, day: datetime.date) -> str:
+    return f"{day:%Y/%m/%d}/{sha256}.dcm"
 
 
-def store_original(source, archive_dir: Path) -> Stored:
-    """Copy ``source`` (a ``watcher.source.Source``) into the archive, durably."""
+def store_original(source, archive_dir: Path, day: datetime.date | None = None) -> Stored:
+    """Copy ``source`` (a ``watcher.source.Source``) into the archive; the file is fsynced."""
+    day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
         if source.whole is not None:
             sha = hashlib.sha256(source.whole).hexdigest()
-            final = archive_dir / content_path(sha)
+            rel = content_path(sha, day)
+            final = archive_dir / rel
             if final.exists():
-                return Stored(content_path(sha), sha, source.size, created=False)
+                return Stored(rel, sha, source.size, False, final.parent)
             tmp, _ = _write_temp(archive_dir, [source.whole])
         else:
             tmp, sha = _write_temp(archive_dir, source.chunks())
-            final = archive_dir / content_path(sha)
+            rel = content_path(sha, day)
+            final = archive_dir / rel
             if final.exists():
                 os.unlink(tmp)
-                return Stored(content_path(sha), sha, source.size, created=False)
+                return Stored(rel, sha, source.size, False, final.parent)
         _ensure_dir(final.parent)
         try:
             os.rename(tmp, final)
@@ -54,8 +62,7 @@ def store_original(source, archive_dir: Path) -> Stored:
             _known_dirs.discard(final.parent)
             _ensure_dir(final.parent)
             os.rename(tmp, final)
-        fsync_dir(final.parent)
-        return Stored(content_path(sha), sha, source.size, created=True)
+        return Stored(rel, sha, source.size, True, final.parent)
     except OSError as exc:
         if exc.errno in FULL_DISK:
             raise Unavailable(f"archive {archive_dir}: {exc.strerror}") from exc
@@ -63,12 +70,11 @@ def store_original(source, archive_dir: Path) -> Stored:
 
 
 def remove(archive_dir: Path, stored: Stored) -> None:
-    """Undo a store that no row will ever point at (a conflict found after storing)."""
-    if stored.created:
-        try:
-            os.unlink(archive_dir / stored.relpath)
-        except FileNotFoundError:
-            pass
+    """Undo a store that no row points at (a conflict or duplicate found after storing)."""
+    try:
+        os.unlink(archive_dir / stored.relpath)
+    except FileNotFoundError:
+        pass
 
 
 def _write_temp(archive_dir: Path, chunks):

@@ -1,77 +1,193 @@
-"""Write what happened to a file into the Import database, one transaction per outcome.
+"""Write what happened to a file into the Import database.
 
 An instance row, its patient/study/series and its history line commit
-together or not at all. Patients, studies and series are inserted with
+together or not at all; instances come in batches (watcher/commit.py), each
+batch written with one query per table. Patients, studies and series are inserted with
 "on conflict do nothing" and then read back, so two nodes receiving the same
 study at the same moment both end up pointing at one row.
 """
 
+import collections
+import contextlib
 import logging
+import threading
+from dataclasses import dataclass
 
 from peewee import IntegrityError
 
 from .errors import Rejected
 from .names import to_text
-from .models import Event, Instance, Patient, Rejection, Series, Study, write_transaction
+from .models import (Event, Instance, Patient, Rejection, Series, Study, database, utcnow,
+                     write_transaction)
 
 LOGGER = logging.getLogger(__name__)
 
 
-def record_instance(info, stored, source: str, creator: str, node: str) -> str:
-    """Commit an instance; returns ``imported`` or ``duplicate``, raises ``Rejected('conflict')``."""
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One stored original waiting for its row."""
+
+    info: object  # watcher.validate.DicomInfo
+    stored: object  # watcher.archive.Stored
+    source: str
+    creator: str
+    node: str
+
+
+class _IdCache:
+    """Patient, study and series row ids already committed, so a batch need not look them up.
+
+    Ids learned inside a transaction are kept only once it has committed: a
+    rolled-back id may be reused by another row.
+    """
+
+    def __init__(self):
+        self._known: dict = {}
+        self._learning: dict | None = None
+        self._lock = threading.Lock()
+        self._database = None  # the ids belong to this database
+
+    def get(self, key):
+        if self._database is not database.obj:
+            self._known, self._database = {}, database.obj
+        if self._learning is not None and key in self._learning:
+            return self._learning[key]
+        return self._known.get(key)
+
+    def learn(self, key, value) -> None:
+        if self._learning is not None:
+            self._learning[key] = value
+
+    @contextlib.contextmanager
+    def batch(self):
+        with self._lock:
+            self._learning = {}
+            try:
+                yield
+                self._known.update(self._learning)
+            finally:
+                self._learning = None
+
+
+ids = _IdCache()
+
+
+def record_instances(records: list) -> list:
+    """Write instances (inside the caller's transaction, see watcher/commit.py).
+
+    Returns, for each record, ``imported`` or ``duplicate`` or a ``Rejected('conflict')``.
+    The batch takes one query per table; if another node inserted one of
+    these UIDs meanwhile, it is done again one record at a time.
+    """
+    try:
+        with database.atomic():  # a savepoint
+            return _record_batch(records)
+    except IntegrityError:
+        LOGGER.debug("concurrent insert in a batch of %d; one at a time", len(records))
+        return [_record_one(r) for r in records]
+
+
+def _record_one(record):
     for attempt in range(3):
         try:
-            with write_transaction():
-                return _record_instance(info, stored, source, creator, node)
+            with database.atomic():
+                return _record_batch([record])[0]
         except IntegrityError:
             if attempt == 2:
                 raise
-            LOGGER.debug("concurrent insert of %s; trying again", info.sop_instance_uid)
-    raise AssertionError("unreachable")
 
 
-def _record_instance(info, stored, source, creator, node) -> str:
-    existing = Instance.get_or_none(Instance.sop_instance_uid == info.sop_instance_uid)
-    if existing is not None:
-        if existing.sha256 != stored.sha256:
-            raise Rejected("conflict", f"SOP Instance UID {info.sop_instance_uid} is already imported "
-                           f"with other bytes (sha256 {existing.sha256}, from {existing.source}); "
-                           f"this file has sha256 {stored.sha256}. Decide which is right; "
-                           "nothing was overwritten")
-        record_event("duplicate", source, node, info.sop_instance_uid, stored.sha256,
-                     detail=f"same bytes as the instance imported from {existing.source} "
-                            f"at {existing.imported_at:%Y-%m-%d %H:%M:%S}")
-        return "duplicate"
+_Known = collections.namedtuple("_Known", "sha256 source imported_at")
+
+
+def _record_batch(records: list) -> list:
+    uids = [r.info.sop_instance_uid for r in records]
+    known = {row.sop_instance_uid: _Known(row.sha256, row.source, row.imported_at) for row in
+             Instance.select(Instance.sop_instance_uid, Instance.sha256, Instance.source,
+                             Instance.imported_at).where(Instance.sop_instance_uid.in_(uids))}
+    now = utcnow()
+    results, rows, events = [], [], []
+    for r in records:
+        uid, sha = r.info.sop_instance_uid, r.stored.sha256
+        first = known.get(uid)
+        if first is None:
+            known[uid] = _Known(sha, to_text(r.source), now)
+            rows.append(r)
+            events.append(_event("imported", r.source, r.node, uid, sha, at=now))
+            results.append("imported")
+        elif first.sha256 != sha:
+            results.append(Rejected(
+                "conflict", f"SOP Instance UID {uid} is already imported with other bytes "
+                f"(sha256 {first.sha256}, from {first.source}); this file has sha256 {sha}. "
+                "Decide which is right; nothing was overwritten"))
+        else:
+            events.append(_event("duplicate", r.source, r.node, uid, sha, at=now,
+                                 detail=f"same bytes as the instance imported from {first.source} "
+                                        f"at {first.imported_at:%Y-%m-%d %H:%M:%S}"))
+            results.append("duplicate")
+    if rows:
+        Instance.insert_many([_instance_row(r, _series_id(r.info), now) for r in rows]).execute()
+    if events:
+        Event.insert_many(events).execute()
+    return results
+
+
+def _instance_row(r, series_id, now) -> dict:
+    a = r.info.attributes
+    return dict(sop_instance_uid=r.info.sop_instance_uid, sop_class_uid=r.info.sop_class_uid,
+                series=series_id, instance_number=_int(a.get("InstanceNumber")),
+                transfer_syntax_uid=r.info.transfer_syntax_uid, sha256=r.stored.sha256,
+                size=r.stored.size, stored_path=r.stored.relpath, creator=r.creator,
+                source=to_text(r.source), node=r.node, imported_at=now)
+
+
+def _series_id(info) -> int:
+    key = ("series", info.series_instance_uid)
+    found = ids.get(key)
+    if found is None:
+        a = info.attributes
+        found = _get_or_insert(Series, {"series_instance_uid": info.series_instance_uid},
+                               study=_study_id(info), modality=a.get("Modality", ""),
+                               series_number=_int(a.get("SeriesNumber")),
+                               description=a.get("SeriesDescription", ""))
+        ids.learn(key, found)
+    return found
+
+
+def _study_id(info) -> int:
+    key = ("study", info.study_instance_uid)
+    found = ids.get(key)
+    if found is None:
+        a = info.attributes
+        found = _get_or_insert(Study, {"study_instance_uid": info.study_instance_uid},
+                               patient=_patient_id(info), study_date=a.get("StudyDate", ""),
+                               study_time=a.get("StudyTime", ""),
+                               description=a.get("StudyDescription", ""),
+                               accession_number=a.get("AccessionNumber", ""),
+                               study_id=a.get("StudyID", ""))
+        ids.learn(key, found)
+    return found
+
+
+def _patient_id(info) -> int:
     a = info.attributes
-    patient = _get_or_insert(Patient, {"patient_id": a.get("PatientID", ""),
-                                       "issuer": a.get("IssuerOfPatientID", "")},
-                             name=a.get("PatientName", ""), birth_date=a.get("PatientBirthDate", ""),
-                             sex=a.get("PatientSex", ""))
-    study = _get_or_insert(Study, {"study_instance_uid": info.study_instance_uid},
-                           patient=patient, study_date=a.get("StudyDate", ""),
-                           study_time=a.get("StudyTime", ""),
-                           description=a.get("StudyDescription", ""),
-                           accession_number=a.get("AccessionNumber", ""),
-                           study_id=a.get("StudyID", ""))
-    series = _get_or_insert(Series, {"series_instance_uid": info.series_instance_uid},
-                            study=study, modality=a.get("Modality", ""),
-                            series_number=_int(a.get("SeriesNumber")),
-                            description=a.get("SeriesDescription", ""))
-    Instance.insert(sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
-                    series=series, instance_number=_int(a.get("InstanceNumber")),
-                    transfer_syntax_uid=info.transfer_syntax_uid, sha256=stored.sha256,
-                    size=stored.size, stored_path=stored.relpath, creator=creator,
-                    source=to_text(source), node=node).execute()
-    record_event("imported", source, node, info.sop_instance_uid, stored.sha256)
-    return "imported"
+    pid, issuer = a.get("PatientID", ""), a.get("IssuerOfPatientID", "")
+    key = ("patient", pid, issuer)
+    found = ids.get(key)
+    if found is None:
+        found = _get_or_insert(Patient, {"patient_id": pid, "issuer": issuer},
+                               name=a.get("PatientName", ""), birth_date=a.get("PatientBirthDate", ""),
+                               sex=a.get("PatientSex", ""))
+        ids.learn(key, found)
+    return found
 
 
-def _get_or_insert(model, key: dict, **values):
+def _get_or_insert(model, key: dict, **values) -> int:
     model.insert(**key, **values).on_conflict_ignore().execute()
-    query = model.select()
+    query = model.select(model.id)
     for name, value in key.items():
         query = query.where(getattr(model, name) == value)
-    return query.get()
+    return query.scalar()
 
 
 def _int(text):
@@ -81,9 +197,14 @@ def _int(text):
         return None
 
 
+def _event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail="",
+           at=None) -> dict:
+    return dict(outcome=outcome, source=to_text(source), node=node, at=at or utcnow(),
+                sop_instance_uid=sop_instance_uid, sha256=sha256, reason=reason, detail=detail)
+
+
 def record_event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail=""):
-    Event.insert(outcome=outcome, source=to_text(source), node=node, sop_instance_uid=sop_instance_uid,
-                 sha256=sha256, reason=reason, detail=detail).execute()
+    Event.insert(**_event(outcome, source, node, sop_instance_uid, sha256, reason, detail)).execute()
 
 
 def record_rejection(source, reason, detail, path, sha256, size, node) -> None:
@@ -102,3 +223,7 @@ def record_rejection(source, reason, detail, path, sha256, size, node) -> None:
 def forget_rejection(path) -> None:
     """The move to ``path`` failed: the file is still in the drop folder, so no rejection row."""
     Rejection.delete().where(Rejection.path == to_text(path)).execute()
+
+
+def is_referenced(stored_path: str) -> bool:
+    return Instance.select().where(Instance.stored_path == stored_path).exists()

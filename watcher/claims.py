@@ -30,7 +30,7 @@ def claim(path, node: str, lease_seconds: float):
     if not is_shared():
         yield True
         return
-    key, token = to_text(os.path.abspath(path)), uuid.uuid4().hex
+    key, token = to_text(os.path.abspath(path)), f"{os.getpid()}:{uuid.uuid4().hex[:16]}"
     try:
         size = os.lstat(path).st_size
     except OSError:
@@ -56,8 +56,26 @@ def claim(path, node: str, lease_seconds: float):
             pass
 
 
-def release_all(node: str) -> int:
-    """At start-up: claims this node held before a crash or restart are ours to drop."""
+def release_stale(node: str) -> int:
+    """At start-up: claims this node's dead processes held (a crash, a restart) are ours to drop.
+
+    Claims of live processes with the same node name (a ``scan`` beside a
+    running service) are left alone.
+    """
     if not is_shared():
         return 0
-    return Claim.delete().where(Claim.node == node).execute()
+    dead = [c.token for c in Claim.select(Claim.token).where(Claim.node == node)
+            if not _alive(int(c.token.split(":")[0]))]
+    if dead:
+        Claim.delete().where((Claim.node == node) & Claim.token.in_(dead)).execute()
+    return len(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

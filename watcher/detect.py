@@ -3,8 +3,10 @@ watchdog events (when to look). The event handler only hands paths on.
 """
 
 import fnmatch
+import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
@@ -12,8 +14,13 @@ from watchdog.events import FileSystemEventHandler
 LOGGER = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple):
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)").match
+
+
 def is_ignored(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return _matcher(tuple(patterns))(name) is not None
 
 
 def scan(drop_dir: Path, ignore=()):

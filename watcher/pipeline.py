@@ -19,6 +19,7 @@ from pathlib import Path
 import peewee
 
 from . import archive, catalog, claims, dispose
+from .commit import commit_now
 from .config import Config
 from .errors import NotReady, Rejected, Unavailable
 from .names import to_text
@@ -39,19 +40,21 @@ class Outcome:
     ms: float = 0.0
 
 
-def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1) -> Outcome:
+def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
+           commit=commit_now) -> Outcome:
     """Import one file of the drop folder.
 
     ``final``: the file has not changed for ``incomplete_seconds``, so if it is
     still incomplete it never will be complete: reject it.
     ``attempt``: how many times an unexpected error has been met for it so far, plus one.
+    ``commit``: runs the database write durably (``commit_now``, or a ``GroupCommit``).
     """
     started = time.monotonic()
     rel = os.path.relpath(path, config.watch.drop_dir)
     try:
         with claims.claim(path, config.import_.node, config.import_.claim_seconds) as held:
             if held:
-                outcome = _decide(Path(path), rel, config, final, attempt)
+                outcome = _decide(Path(path), rel, config, final, attempt, commit)
             else:
                 outcome = Outcome("claimed", rel, detail="another node is importing it")
     except Exception as exc:  # the decision itself could not be carried out
@@ -67,9 +70,9 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1) ->
     return outcome
 
 
-def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int) -> Outcome:
+def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int, commit) -> Outcome:
     try:
-        return _ingest(path, rel, config)
+        return _ingest(path, rel, config, commit)
     except Rejected as exc:
         return _reject(path, rel, exc.reason, exc.detail, config)
     except NotReady as exc:
@@ -85,7 +88,7 @@ def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int) -> 
         return _reject(path, rel, "error", detail, config)
 
 
-def _ingest(path: Path, rel: str, config: Config) -> Outcome:
+def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
     node, creator = config.import_.node, config.import_.creator
     with Source(str(path)) as source:
         info = validate(source)
@@ -98,13 +101,21 @@ def _ingest(path: Path, rel: str, config: Config) -> Outcome:
             stored = archive.store_original(source, config.archive.dir)
             try:
                 _require_unchanged(source)
-                result = catalog.record_instance(info, stored, rel, creator, node)
+                result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
             except (Rejected, NotReady):
-                archive.remove(config.archive.dir, stored)
+                _discard(stored, config)
                 raise
+            if result == "duplicate":  # the bytes are in the archive under the first import's day
+                _discard(stored, config)
             outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
     dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
     return outcome
+
+
+def _discard(stored, config: Config) -> None:
+    """Remove an original we just stored that no row points at (a conflict, a duplicate)."""
+    if stored.created and not catalog.is_referenced(stored.relpath):
+        archive.remove(config.archive.dir, stored)
 
 
 def _require_unchanged(source: Source) -> None:

@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from . import claims, detect, dispose, models, settle
+from .commit import GroupCommit
 from .config import Config
 from .errors import Unavailable
 from .pipeline import ingest
@@ -49,10 +50,11 @@ class Service:
         self._scheduler = None
         self._workers = []
         self._pause = 1.0
+        self._commit = GroupCommit()
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Service":
-        claims.release_all(self.config.import_.node)
+        claims.release_stale(self.config.import_.node)
         self.rescan()
         self._start_observer()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -61,6 +63,7 @@ class Service:
         self._scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
                                 id="heartbeat", max_instances=1, coalesce=True)
         self._scheduler.start()
+        self._commit.start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             worker.start()
@@ -80,6 +83,7 @@ class Service:
         self.schedule.close()
         for worker in self._workers:
             worker.join()
+        self._commit.stop()
         if self._observer is not None:
             self._observer.join()
         _OverflowAlarm.remove(self)
@@ -192,7 +196,7 @@ class Service:
         self.attempts[path] += 1
         try:
             outcome = ingest(path, self.config, final=settle.is_final(st, now, w.incomplete_seconds),
-                             attempt=self.attempts[path])
+                             attempt=self.attempts[path], commit=self._commit)
         except Unavailable as exc:
             self.attempts[path] -= 1
             models.reset_connection()

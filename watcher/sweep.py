@@ -4,7 +4,7 @@ import collections
 import logging
 import time
 
-from . import detect, dispose, settle
+from . import claims, detect, dispose, settle
 from .config import Config
 from .errors import Unavailable
 from .pipeline import ingest
@@ -20,6 +20,7 @@ def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep
     ``final``, for ``settle_seconds``: the folder is known to be at rest.
     """
     w = config.watch
+    claims.release_stale(config.import_.node)
     counts = collections.Counter()
     attempts = collections.Counter()
     done_with, pending = set(), set()

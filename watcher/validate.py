@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.uid import UID
 
 from .errors import NotReady, Rejected
 
@@ -36,6 +37,9 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 OTHER_PIXEL_DATA = {0x7FE00008, 0x7FE00009}
 DIRECTORY_RECORDS = 0x00041220
+CONTENT_SEQUENCE = 0x0040A730
+ENCAPSULATED_DOCUMENT = 0x00420011
+CLOSING = {PIXEL_DATA, CONTENT_SEQUENCE, ENCAPSULATED_DOCUMENT} | OTHER_PIXEL_DATA
 
 INDEXED = {  # top-level attributes we read: tag -> keyword
     0x00020002: "MediaStorageSOPClassUID", 0x00020003: "MediaStorageSOPInstanceUID",
@@ -181,6 +185,7 @@ class _Walk:
         self.other_pixel_data = False
         self.has_directory = False
         self.last_tag = 0  # elements come in ascending tag order: what is missing below is missing
+        self.seen = set()  # which of CLOSING stand at the top level
 
     def run(self, pos: int) -> int:
         stack = []  # open containers: (kind, explicit, little, start)
@@ -244,6 +249,8 @@ class _Walk:
                                    f"has undefined length but VR {vr.decode()}")
                 if len(stack) == 1:
                     self.last_tag = tag
+                    if tag in CLOSING:
+                        self.seen.add(tag)
                 pos = value_pos
                 continue
             if value_pos + length > self.size:
@@ -279,6 +286,8 @@ class _Walk:
 
     def _note(self, tag, vr, length, value_pos):
         self.last_tag = tag
+        if tag in CLOSING:
+            self.seen.add(tag)
         if tag == PIXEL_DATA:
             self.pixel_length = length
         elif tag in OTHER_PIXEL_DATA:
@@ -351,9 +360,37 @@ def _describe(raw: dict, walk: _Walk, syntax: str, explicit: bool) -> DicomInfo:
     if meta_uid and meta_uid != uids["SOPInstanceUID"]:
         raise Rejected("meta-mismatch", f"the file meta names SOP Instance UID {meta_uid} but the "
                        f"dataset {uids['SOPInstanceUID']}; the file was edited inconsistently")
+    _check_closing_element(uids["SOPClassUID"], walk)
     _check_pixels(raw, walk)
     return DicomInfo(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
                      uids["SeriesInstanceUID"], syntax, attributes=_attributes(raw))
+
+
+def _closing_elements(sop_class_uid: str):
+    """The element an instance of this class must end with (near enough), and its name."""
+    name = UID(sop_class_uid).name
+    if name.endswith("Image Storage") or name in ("Segmentation Storage", "Parametric Map Storage"):
+        return {PIXEL_DATA} | OTHER_PIXEL_DATA, "Pixel Data"
+    if name.startswith("Encapsulated") and name.endswith("Storage"):
+        return {ENCAPSULATED_DOCUMENT}, "Encapsulated Document"
+    if name.endswith("SR Storage"):
+        return {CONTENT_SEQUENCE}, "Content Sequence"
+    return None, None
+
+
+def _check_closing_element(sop_class_uid: str, walk: _Walk) -> None:
+    """A copy that stopped at an element boundary looks complete: catch it by what is missing.
+
+    An image without Pixel Data (a PDF without its document, an SR without
+    content) is "not ready" while the file may still grow, and rejected as
+    missing the attribute once it cannot.
+    """
+    tags, what = _closing_elements(sop_class_uid)
+    if tags is None or walk.seen & tags:
+        return
+    if min(tags) > walk.last_tag:
+        raise NotReady(f"it ends before its {what}: maybe still being written")
+    raise Rejected("missing-attribute", f"a {UID(sop_class_uid).name} without {what}")
 
 
 def _check_pixels(raw: dict, walk: _Walk) -> None:

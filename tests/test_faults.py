@@ -1,0 +1,133 @@
+"""Resource faults: a full archive disk, a locked database, a vanished drop folder, an unreadable
+file. The service waits, keeps every source, says so, and resumes by itself."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config
+from dicomfiles import write
+from watcher import models
+from watcher.models import Instance, Rejection
+from watcher.service import Service
+
+pytestmark = pytest.mark.slow
+IS_ROOT = os.geteuid() == 0
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs for the archive (needs root to mount)."""
+    if not IS_ROOT or not shutil.which("mount"):
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_full_archive_disk_pauses_keeps_sources_and_resumes(tmp_path, small_disk, caplog):
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
+                      watch={"settle_seconds": 0, "rescan_seconds": 1},
+                      archive={"dir": str(small_disk / "archive")})
+    models.connect(cfg.database.url)
+    files = [write(tmp_path / "stage" / f"{i}.dcm", rows=256, columns=256) for i in range(8)]  # 8 x 131 kB
+    originals = {f.name: f.read_bytes() for f in files}
+    with Service(cfg):
+        for f in files:
+            f.rename(cfg.watch.drop_dir / f.name)
+        assert wait_for(lambda: "No space left" in caplog.text or "cannot import now" in caplog.text)
+        time.sleep(1)
+        left = {p.name for p in cfg.watch.drop_dir.iterdir()}
+        assert left and Rejection.select().count() == 0  # waiting, not rejecting
+        for name in left:
+            assert (cfg.watch.drop_dir / name).read_bytes() == originals[name]
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+        assert wait_for(lambda: Instance.select().count() == 8, 60)
+    assert not list(cfg.watch.drop_dir.iterdir())
+    for i in Instance.select():
+        assert (cfg.archive.dir / i.stored_path).read_bytes() == originals[i.source]
+    assert not list((cfg.archive.dir / ".tmp").iterdir())  # no half-written temporaries left
+    models.database.close()
+
+
+def test_sqlite_locked_by_another_process_is_waited_out(tmp_path):
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db", watch={"settle_seconds": 0})
+    models.connect(cfg.database.url)
+    locker = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(tmp_path / 'w.db')!r}, isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(4); c.execute('COMMIT')\n")],
+        stdout=subprocess.PIPE)
+    assert locker.stdout.readline().strip() == b"locked"
+    with Service(cfg):
+        for i in range(5):
+            write(cfg.watch.drop_dir / f"{i}.dcm")
+        time.sleep(1)
+        assert len(list(cfg.watch.drop_dir.iterdir())) == 5  # nothing can commit yet: all wait
+        locker.wait(timeout=10)
+        assert wait_for(lambda: Instance.select().count() == 5, 40)
+    models.database.close()
+
+
+def test_drop_folder_removed_and_recreated_is_watched_again(tmp_path, caplog):
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
+                      watch={"settle_seconds": 0, "rescan_seconds": 0.5})
+    models.connect(cfg.database.url)
+    with Service(cfg):
+        write(cfg.watch.drop_dir / "before.dcm")
+        assert wait_for(lambda: Instance.select().count() == 1)
+        shutil.rmtree(cfg.watch.drop_dir)
+        assert wait_for(lambda: "is gone" in caplog.text, 10)
+        cfg.watch.drop_dir.mkdir()
+        write(cfg.watch.drop_dir / "after.dcm")
+        assert wait_for(lambda: Instance.select().count() == 2, 20)
+    models.database.close()
+
+
+def test_file_unreadable_to_the_service_user_is_rejected_not_lost(tmp_path):
+    if not IS_ROOT or not shutil.which("setpriv"):
+        pytest.skip("needs root to run the scan as another user")
+    os.chmod(tmp_path, 0o777)
+    for parent in tmp_path.parents:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    cfg_dir = tmp_path / "svc"
+    cfg_dir.mkdir(mode=0o777)
+    os.chmod(cfg_dir, 0o777)
+    from conftest import write_config_file
+    cfg_path = write_config_file(cfg_dir, f"sqlite:///{cfg_dir}/w.db", watch={"settle_seconds": 0})
+    drop = cfg_dir / "drop"
+    secret = write(drop / "secret.dcm")
+    data = secret.read_bytes()
+    os.chmod(secret, 0o600)  # root's, unreadable to nobody
+    os.chmod(drop, 0o777)
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           sys.executable, "-m", "watcher", "scan", "--final", "--config", str(cfg_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rejected 1" in proc.stdout
+    kept = cfg_dir / "rejected" / "secret.dcm"
+    assert kept.read_bytes() == data
+    db = sqlite3.connect(cfg_dir / "w.db")
+    reason, detail = db.execute("select reason, detail from rejection").fetchone()
+    assert reason == "unreadable" and "permission" in detail.lower()
