@@ -58,6 +58,10 @@ class Backend:
     def close(self) -> None:
         pass
 
+    def server_started(self):
+        """When the database server last started (None for SQLite): a change means a restart."""
+        return None
+
     def has_heartbeat(self) -> bool:
         rows = self.query("SELECT count(*) FROM heartbeat")
         return bool(rows and rows[0][0])
@@ -149,6 +153,13 @@ class Postgres(Backend):
         self.drop()
         self._admin(f'CREATE DATABASE "{self.dbname}"')
         return self.url()
+
+    def server_started(self):
+        try:
+            with self._psycopg.connect(self.admin_url, connect_timeout=3) as conn:
+                return conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+        except Exception:
+            return "unreachable"
 
     def _query(self, sql: str) -> list[tuple]:
         if self._conn is None:

@@ -7,6 +7,7 @@ reads its memory and CPU from /proc and stops it with SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -81,16 +82,18 @@ class ServiceRun:
         self.keep_log = keep_log  # where the service's log is copied on cleanup
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
+        self.server_started = backend.server_started()  # another PostgreSQL restart shows up here
         url = backend.create(workdir)
         incomplete = "" if incomplete_seconds is None else f"incomplete_seconds = {incomplete_seconds}\n"
+        text = json.dumps  # a JSON string is a valid TOML basic string
         self.config_path.write_text(
             "[watch]\n"
-            f'drop_dir = "{self.drop}"\nsettle_seconds = {settle_seconds}\n'
+            f"drop_dir = {text(str(self.drop))}\nsettle_seconds = {settle_seconds}\n"
             f"rescan_seconds = {rescan_seconds}\n{incomplete}"
             "[archive]\n"
-            f'dir = "{self.archive}"\nrejected_dir = "{workdir / "rejected"}"\n'
+            f"dir = {text(str(self.archive))}\nrejected_dir = {text(str(workdir / 'rejected'))}\n"
             "[database]\n"
-            f'url = "{url}"\n'
+            f"url = {text(url)}\n"
             "[import]\n"
             f'workers = {workers}\nnode = "bench"\n')
 
@@ -112,6 +115,10 @@ class ServiceRun:
         rows = self.backend.query("SELECT pid FROM heartbeat WHERE node = 'bench'")
         self.pid = rows[0][0] if rows else self.proc.pid  # not proc.pid under py-spy
         return time.perf_counter() - started
+
+    def server_restarted(self) -> bool:
+        """Did the database server restart since this run began (someone else's test, say)?"""
+        return self.backend.server_started() != self.server_started
 
     def stats(self) -> ProcStats:
         return ProcStats.read(self.pid)

@@ -104,20 +104,20 @@ def service_table(rows: list[dict]) -> str:
     """The service rows' other numbers: load, memory, CPU, latency, stop, what was left."""
     headers = ("corpus", "what", "1st outcome s", "peak RSS MB", "CPU s/1000 files", "p50 ms", "p95 ms",
                "p99 ms", "max ms", "missing", "stop s (exit)", "left in drop",
-               "log ERROR lines", "outcomes")
+               "log ERROR lines", "outcomes", "notes")
     lines = []
     for row in rows:
         if not row.get("backend"):
             continue
         if row.get("skipped"):
-            lines.append((row["corpus"], row["what"], f"skipped: {row['skipped']}") + (None,) * 11)
+            lines.append((row["corpus"], row["what"]) + (None,) * 12 + (f"skipped: {row['skipped']}",))
             continue
         lines.append((
             row["corpus"], row["what"], row.get("first_outcome_s"), row.get("peak_rss_mb"),
             row.get("cpu_s_per_1000"), _latency(row, "p50"), _latency(row, "p95"), _latency(row, "p99"),
             _latency(row, "max"), row.get("never_arrived", row.get("unaccounted")),
             f"{row['stop_seconds']:.2f} ({row['exit_code']})", row.get("left_in_drop"),
-            row.get("log_problems"), _outcomes(row)))
+            row.get("log_problems"), _outcomes(row), "; ".join(row.get("notes", [])) or None))
     return _table(headers, lines)
 
 

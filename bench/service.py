@@ -121,6 +121,10 @@ def span(backend: Backend, started: float) -> dict:
             "seconds": float("nan") if last is None else last - started}
 
 
+def add_note(row: dict, note: str) -> None:
+    row["notes"] = [*row.get("notes", []), note]
+
+
 def percentile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending list (q in 0..100)."""
     if not sorted_values:
@@ -136,6 +140,7 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
     left = run.files_in_drop()
     outcomes, reasons = run.backend.outcomes(), run.backend.rejection_reasons()
     temporaries = run.archive_temporaries()
+    restarted = run.server_restarted()
     stopped = run.stop()
     cpu = after.cpu_seconds - before.cpu_seconds
     row.update({
@@ -150,6 +155,9 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
         "log_problems": stopped.log_problems, "log_warnings": stopped.log_warnings,
         "log_sample": stopped.log_sample,
     })
+    if restarted:
+        LOGGER.warning("the %s server restarted during this run", run.backend.name)
+        add_note(row, f"the {run.backend.name} server restarted during the run (not by the benchmark)")
     if stopped.log_problems:
         LOGGER.warning("service log has %d ERROR/Traceback lines, e.g. %s", stopped.log_problems,
                        stopped.log_sample[:2])
@@ -237,6 +245,9 @@ def stream(workdir: Path, backend: Backend, settings: Settings) -> dict:
         })
         row["latency_ms"]["max"] = round(latencies[-1], 1) if latencies else None
         row["latency_ms"]["min"] = round(latencies[0], 1) if latencies else None
+        first, last = row["p50_first_tenth_ms"], row["p50_last_tenth_ms"]
+        if latencies and last > max(100.0, 2 * first):
+            add_note(row, f"falls behind: p50 {first:,.0f} ms in the first tenth, {last:,.0f} ms in the last")
         finish(run, row, before, load_start, count)
     LOGGER.info("%s", row)
     return row
@@ -267,6 +278,10 @@ def backlog(workdir: Path, backend: Backend, settings: Settings) -> dict:
         row.update({"first_outcome_s": times["first_outcome_s"], "backlog_files": count, "accounted": accounted, "unaccounted": count - accounted,
                     "start_seconds": round(heartbeat_seconds, 2),
                     "rss_at_heartbeat_mb": at_heartbeat.rss_mb})
+        if accounted < count:
+            add_note(row, f"stopped after {settings.backlog_seconds:.0f} s with {count - accounted:,} "
+                          f"files still queued (by design); RSS after the start-up scan "
+                          f"{at_heartbeat.rss_mb} MB")
         from_start = dataclasses.replace(at_heartbeat, cpu_seconds=0.0)  # the start-up scan counts too
         finish(run, row, from_start, load_start, accounted)
     LOGGER.info("%s", row)

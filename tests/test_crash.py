@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_config_file
-from dicomfiles import write
+from dicomfiles import ct, write
 from watcher.cli import cli
 
 # The subprocess patches one function so that the process kills itself with
@@ -63,9 +63,13 @@ def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
     drop = tmp_path / "drop"
     files = {f"img{i}.dcm": write(drop / f"img{i}.dcm").read_bytes() for i in range(3)}
     files["junk.txt"] = b"not dicom " * 30
+    ds = ct(sop_uid="1.2.826.0.1.3680043.99.7")  # two files, one UID, other bytes: a conflict
+    files["a_first.dcm"] = write(drop / "a_first.dcm", ds).read_bytes()
+    ds.InstitutionName = "edited"
+    files["z_conflict.dcm"] = write(drop / "z_conflict.dcm", ds).read_bytes()
     (drop / "junk.txt").write_bytes(files["junk.txt"])
-    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     crash_at(cfg, *STEPS[step])
     result = run_cli(cfg, "scan", "--final")
     assert result.exit_code == 0, result.output
@@ -73,12 +77,14 @@ def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
     assert list(drop.iterdir()) == []
     listed = json.loads(run_cli(cfg, "list", "--json").output)
     rejects = json.loads(run_cli(cfg, "rejects", "--json").output)
-    assert sorted(i["source"] for i in listed) == ["img0.dcm", "img1.dcm", "img2.dcm"]
-    assert [r["source"] for r in rejects] == ["junk.txt"]
+    assert len(listed) == 4 and {"img0.dcm", "img1.dcm", "img2.dcm"} < {i["source"] for i in listed}
+    assert sorted(r["reason"] for r in rejects) == ["conflict", "not-dicom"]
     for i in listed:
         assert Path(i["stored_path"]).read_bytes() == files[i["source"]]
-    assert hashlib.sha256(Path(rejects[0]["path"]).read_bytes()).hexdigest() == hashes["junk.txt"]
+    for r in rejects:
+        assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == hashes[r["source"]]
     verify = run_cli(cfg, "verify", "--json")
     assert verify.exit_code == 0
     report = json.loads(verify.output)
     assert report["missing"] == [] and report["mismatched"] == []
+    assert report["orphans"] == [] and report["temporary"] == []  # nothing left behind either

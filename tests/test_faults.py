@@ -72,19 +72,21 @@ def test_full_archive_disk_pauses_keeps_sources_and_resumes(tmp_path, small_disk
 def test_sqlite_locked_by_another_process_is_waited_out(tmp_path):
     cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db", watch={"settle_seconds": 0})
     models.connect(cfg.database.url)
-    locker = subprocess.Popen([sys.executable, "-c", (
-        "import sqlite3, sys, time\n"
-        f"c = sqlite3.connect({str(tmp_path / 'w.db')!r}, isolation_level=None)\n"
-        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(4); c.execute('COMMIT')\n")],
-        stdout=subprocess.PIPE)
-    assert locker.stdout.readline().strip() == b"locked"
     with Service(cfg):
-        for i in range(5):
-            write(cfg.watch.drop_dir / f"{i}.dcm")
-        time.sleep(1)
+        locker = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(tmp_path / 'w.db')!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(4)\n"
+            "c.execute('COMMIT')\n")], stdout=subprocess.PIPE)
+        assert locker.stdout.readline().strip() == b"locked"
+        originals = {i: write(cfg.watch.drop_dir / f"{i}.dcm").read_bytes() for i in range(5)}
+        time.sleep(1.5)
+        assert locker.poll() is None, "the lock was held all along"
         assert len(list(cfg.watch.drop_dir.iterdir())) == 5  # nothing can commit yet: all wait
         locker.wait(timeout=10)
         assert wait_for(lambda: Instance.select().count() == 5, 40)
+    for i in Instance.select():
+        assert (cfg.archive.dir / i.stored_path).read_bytes() == originals[int(i.source[:-4])]
     models.database.close()
 
 

@@ -7,9 +7,18 @@ Usage:
 Each round drops the next slice of a generated corpus into the drop folder
 (renamed in from a staging folder on the same filesystem, while some large
 files are copied in slowly by a writer that carries on across kills), starts
-``dicom-watcher run``, sleeps a seeded random time and SIGKILLs it. A last run
-drains the folder and is stopped with SIGTERM. Then every dropped file must be
-accounted for exactly once, byte for byte, from the database itself.
+``dicom-watcher run``, sleeps a seeded random time (or waits for a store to
+begin in archive/.tmp) and SIGKILLs it. A last run drains the folder and is
+stopped with SIGTERM, which must end it with exit status 0.
+
+Then, read from the database itself and the files on disk, every dropped file
+must be accounted for exactly once: imported (a row with its sha256 whose stored
+file holds its bytes), a duplicate of imported bytes, or rejected (a rejection
+row whose file holds its bytes); conflicts are rejected as ``conflict``, junk
+as ``not-dicom``; one row per SOP Instance UID, no row without its file, no
+row with bytes that were never dropped, a history line for every outcome,
+nothing left in the drop folder, ``dicom-watcher verify`` exit 0. Orphans and
+temporary files in the archive are allowed, and counted.
 
 In tests: ``result = run(tmp_path / "crash", rounds=5, files=300, database=url)``,
 then ``assert result.lost == 0 and result.duplicated == 0 and result.verify_ok``.
@@ -100,6 +109,7 @@ class Result:
     temporary: int = 0
     verify_exit: int | None = None
     final_exit: int | None = None
+    ready_s: float | None = None  # final run: start until "watching" was logged
     drained_s: float | None = None
     conflicts_inverted: int = 0
     folder_races: int = 0
@@ -572,19 +582,28 @@ def _round(r, batch, rng, config, drop, workdir, log, dropper, db) -> Kill:
 
 
 def _final_run(result, config, drop, logs, dropper, timeout, say) -> None:
+    """Start the service once more, let it empty the drop folder, stop it with SIGTERM.
+
+    SIGTERM is sent only once the service has said it is watching: before
+    that, ``dicom-watcher run`` has no handler for it yet (see the report).
+    """
     log = logs / "final.log"
     t0 = time.monotonic()
     proc = start_service(config, log)
     try:
         while time.monotonic() - t0 < timeout and proc.poll() is None:
-            if not dropper.copying() and not files_below(drop):
+            if result.ready_s is None and "watching " in log.read_text("utf-8", "replace"):
+                result.ready_s = round(time.monotonic() - t0, 2)
+            if result.ready_s is not None and not dropper.copying() and not files_below(drop):
                 break
-            time.sleep(0.25)
+            time.sleep(0.1)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     left = files_below(drop)
+    if result.ready_s is None:
+        result.problems.append(f"the final service never said it was watching ({log})")
     if left or dropper.copying():
         result.problems.append(f"the drop folder still holds {len(left)} files after "
                                f"{timeout:.0f} s (first: {left[:5]}), "
@@ -796,7 +815,8 @@ def summary(r: Result) -> str:
         f"{r.foreign_rows}, rows without file {r.rows_without_file}, left in drop {r.left_in_drop}",
         f"verify exit {r.verify_exit}: orphans {r.orphans} {r.orphan_kinds or ''}, "
         f"temporary {r.temporary}",
-        f"final run drained in {r.drained_s} s, SIGTERM exit {r.final_exit}; "
+        f"final run ready after {r.ready_s} s, drained in {r.drained_s} s, "
+        f"SIGTERM exit {r.final_exit}; "
         f"folders re-made under the writer {r.folder_races}",
         f"time {r.seconds} s",
     ]

@@ -15,6 +15,7 @@ import datetime
 import errno
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def remove(archive_dir: Path, stored: Stored) -> None:
 def _write_temp(archive_dir: Path, chunks):
     tmp_dir = archive_dir / TMP
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{os.getpid()}-{os.urandom(6).hex()}"
+    tmp = tmp_dir / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
     digest = hashlib.sha256()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
@@ -96,6 +97,42 @@ def _write_temp(archive_dir: Path, chunks):
         raise
     os.close(fd)
     return tmp, digest.hexdigest()
+
+
+_TMP_PREFIX = socket.gethostname().replace("/", "_") + "-"
+
+
+def remove_stale_temporaries(archive_dir: Path) -> int:
+    """At start-up: temporary files of this host's dead processes (a crash mid-store) go."""
+    removed = 0
+    try:
+        names = os.listdir(archive_dir / TMP)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if not name.startswith(_TMP_PREFIX):
+            continue  # another host's: it may still be writing it
+        try:
+            pid = int(name[len(_TMP_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if not is_alive(pid):
+            try:
+                os.unlink(archive_dir / TMP / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _known_dirs: set = set()

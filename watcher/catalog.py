@@ -59,6 +59,17 @@ class _IdCache:
             self._learning[key] = value
 
     @contextlib.contextmanager
+    def savepoint(self):
+        """Forget what was learned in the block if it fails (its savepoint is rolled back)."""
+        before = dict(self._learning or {})
+        try:
+            yield
+        except BaseException:
+            if self._learning is not None:
+                self._learning = before
+            raise
+
+    @contextlib.contextmanager
     def batch(self):
         with self._lock:
             self._learning = {}
@@ -80,7 +91,7 @@ def record_instances(records: list) -> list:
     these UIDs meanwhile, it is done again one record at a time.
     """
     try:
-        with database.atomic():  # a savepoint
+        with database.atomic(), ids.savepoint():
             return _record_batch(records)
     except IntegrityError:
         LOGGER.debug("concurrent insert in a batch of %d; one at a time", len(records))
@@ -90,7 +101,7 @@ def record_instances(records: list) -> list:
 def _record_one(record):
     for attempt in range(3):
         try:
-            with database.atomic():
+            with database.atomic(), ids.savepoint():
                 return _record_batch([record])[0]
         except IntegrityError:
             if attempt == 2:

@@ -14,6 +14,7 @@ import datetime
 import os
 import uuid
 
+from . import archive
 from .models import Claim, is_shared, utcnow, write_transaction
 from .names import to_text
 
@@ -65,17 +66,7 @@ def release_stale(node: str) -> int:
     if not is_shared():
         return 0
     dead = [c.token for c in Claim.select(Claim.token).where(Claim.node == node)
-            if not _alive(int(c.token.split(":")[0]))]
+            if not archive.is_alive(int(c.token.split(":")[0]))]
     if dead:
         Claim.delete().where((Claim.node == node) & Claim.token.in_(dead)).execute()
     return len(dead)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

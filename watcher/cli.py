@@ -80,12 +80,12 @@ def run(config_path):
     import signal
     import threading
 
+    stop = threading.Event()  # first of all: a SIGTERM during start-up must stop us cleanly too
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     from .service import run as run_service
     config = _open(config_path)
     config.watch.drop_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     run_service(config, stop)
 
 

@@ -42,7 +42,7 @@ class Database:
 @dataclass(frozen=True)
 class Import:
     creator: str = "folder-scanner"
-    workers: int = 2
+    workers: int = 4
     node: str = field(default_factory=socket.gethostname)
     attempts: int = 3
     claim_seconds: float = 60.0

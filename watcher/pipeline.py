@@ -114,7 +114,7 @@ def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
 
 def _discard(stored, config: Config) -> None:
     """Remove an original we just stored that no row points at (a conflict, a duplicate)."""
-    if stored.created and not catalog.is_referenced(stored.relpath):
+    if not catalog.is_referenced(stored.relpath):
         archive.remove(config.archive.dir, stored)
 
 

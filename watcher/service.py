@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import claims, detect, dispose, models, settle
+from . import archive, claims, detect, dispose, models, settle
 from .commit import GroupCommit
 from .config import Config
 from .errors import Unavailable
@@ -55,6 +55,7 @@ class Service:
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Service":
         claims.release_stale(self.config.import_.node)
+        archive.remove_stale_temporaries(self.config.archive.dir)
         self.rescan()
         self._start_observer()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -266,6 +267,14 @@ class _OverflowAlarm(logging.Handler):
 
 
 _ALARM = _OverflowAlarm(level=logging.WARNING)
+
+
+def _not_the_stop_race(record: logging.LogRecord) -> bool:
+    """watchdog 7 logs an ERROR when its emitter sees events while being stopped: harmless."""
+    return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_not_the_stop_race)
 
 
 def run(config: Config, stop: threading.Event) -> None:

@@ -4,7 +4,7 @@ import collections
 import logging
 import time
 
-from . import claims, detect, dispose, settle
+from . import archive, claims, detect, dispose, settle
 from .config import Config
 from .errors import Unavailable
 from .pipeline import ingest
@@ -21,6 +21,7 @@ def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep
     """
     w = config.watch
     claims.release_stale(config.import_.node)
+    archive.remove_stale_temporaries(config.archive.dir)
     counts = collections.Counter()
     attempts = collections.Counter()
     done_with, pending = set(), set()
