@@ -9,6 +9,7 @@ study at the same moment both end up pointing at one row.
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -113,16 +114,14 @@ _Known = collections.namedtuple("_Known", "sha256 source imported_at")
 
 def _record_batch(records: list) -> list:
     uids = [r.info.sop_instance_uid for r in records]
-    known = {row.sop_instance_uid: _Known(row.sha256, row.source, row.imported_at) for row in
-             Instance.select(Instance.sop_instance_uid, Instance.sha256, Instance.source,
-                             Instance.imported_at).where(Instance.sop_instance_uid.in_(uids))}
+    known = {uid: _Known(sha, source, str(at)[:19]) for uid, sha, source, at in _select_known(uids)}
     now = utcnow()
     results, rows, events = [], [], []
     for r in records:
         uid, sha = r.info.sop_instance_uid, r.stored.sha256
         first = known.get(uid)
         if first is None:
-            known[uid] = _Known(sha, to_text(r.source), now)
+            known[uid] = _Known(sha, to_text(r.source), str(now)[:19])
             rows.append(r)
             events.append(_event("imported", r.source, r.node, uid, sha, at=now))
             results.append("imported")
@@ -134,13 +133,40 @@ def _record_batch(records: list) -> list:
         else:
             events.append(_event("duplicate", r.source, r.node, uid, sha, at=now,
                                  detail=f"same bytes as the instance imported from {first.source} "
-                                        f"at {first.imported_at:%Y-%m-%d %H:%M:%S}"))
+                                        f"at {first.imported_at}"))
             results.append("duplicate")
     if rows:
-        Instance.insert_many([_instance_row(r, _series_id(r.info), now) for r in rows]).execute()
+        _insert_many(Instance, [_instance_row(r, _series_id(r.info), now) for r in rows])
     if events:
-        Event.insert_many(events).execute()
+        _insert_many(Event, events)
     return results
+
+
+# The hot statements are written once and run with executemany: building them
+# with peewee's query builder for every batch cost more CPU than all else.
+
+@functools.lru_cache(maxsize=None)
+def _insert_sql(model, names: tuple, param: str) -> str:
+    fields = [model._meta.fields[n] for n in names]
+    return (f'INSERT INTO "{model._meta.table_name}" ('
+            + ", ".join(f'"{f.column_name}"' for f in fields)
+            + ") VALUES (" + ", ".join([param] * len(fields)) + ")")
+
+
+def _insert_many(model, rows: list) -> None:
+    names = tuple(rows[0])
+    fields = [model._meta.fields[n] for n in names]
+    values = [tuple(f.db_value(row[n]) for f, n in zip(fields, names)) for row in rows]
+    cursor = database.cursor()
+    cursor.executemany(_insert_sql(model, names, database.param), values)
+
+
+def _select_known(uids: list):
+    """(uid, sha256, source, imported_at) of the instances already imported among ``uids``."""
+    marks = ", ".join([database.param] * len(uids))
+    return database.execute_sql(
+        f'SELECT "sop_instance_uid", "sha256", "source", "imported_at" FROM "instance" '
+        f'WHERE "sop_instance_uid" IN ({marks})', uids).fetchall()
 
 
 def _instance_row(r, series_id, now) -> dict:

@@ -12,6 +12,7 @@ Outcomes: a ``DicomInfo``; ``NotReady`` (incomplete: maybe still being
 written); or ``Rejected`` (never importable as it is).
 """
 
+import functools
 import re
 import struct
 import zlib
@@ -366,6 +367,7 @@ def _describe(raw: dict, walk: _Walk, syntax: str, explicit: bool) -> DicomInfo:
                      uids["SeriesInstanceUID"], syntax, attributes=_attributes(raw))
 
 
+@functools.lru_cache(maxsize=256)
 def _closing_elements(sop_class_uid: str):
     """The element an instance of this class must end with (near enough), and its name."""
     name = UID(sop_class_uid).name
