@@ -153,3 +153,13 @@ def test_sigterm_exits_zero_promptly_with_nothing_half_done(tmp_path, db_url):
     assert left | sources == {f"{i}.dcm" for i in range(200)}
     assert not left & sources  # nothing both imported and still in the drop folder
     models.database.close()
+
+
+def test_backlog_larger_than_the_queue_is_taken_in_slices(service_config, monkeypatch):
+    import watcher.service
+    monkeypatch.setattr(watcher.service, "MAX_QUEUED", 40)
+    for i in range(300):
+        write(service_config.watch.drop_dir / f"{i:03d}.dcm", rows=2, columns=2)
+    with Service(service_config) as service:
+        assert len(service.schedule) <= 40
+        assert wait_for(lambda: imported_count() == 300, timeout=60)

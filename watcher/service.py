@@ -31,6 +31,7 @@ LOGGER = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 DIR_QUIET_SECONDS = 60.0  # an emptied sub-folder may be about to receive a copy's next file
 MAX_PAUSE = 30.0
+MAX_QUEUED = 10_000  # paths queued at once; a larger backlog is rescanned in slices
 CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is gone by then, usually)
 
 
@@ -51,6 +52,7 @@ class Service:
         self._workers = []
         self._pause = 1.0
         self._commit = GroupCommit()
+        self._more_to_scan = False
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Service":
@@ -131,7 +133,11 @@ class Service:
             self._restart_observer()
         self._drop_identity = identity
         now = self.clock()
+        self._more_to_scan = False
         for path, _ in detect.scan(drop, self.config.watch.ignore):
+            if len(self.schedule) >= MAX_QUEUED:  # a huge backlog: take it in slices, memory stays flat
+                self._more_to_scan = True
+                break
             self.schedule.put(str(path), now)
         dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds), now)
         self.last_rescan = models.utcnow()
@@ -210,6 +216,9 @@ class Service:
             return
         self._pause = 1.0
         self.counts[outcome.outcome] += 1
+        if self._more_to_scan and len(self.schedule) < MAX_QUEUED // 2:
+            self._more_to_scan = False
+            self.rescan_soon()
         if outcome.outcome == "retry":
             self.schedule.put(path, now + self.attempts[path])
         elif outcome.outcome == "claimed":
