@@ -179,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npage cache before each measurement: {', '.join(caches) or 'n/a'} "
           f"(cold = sync + drop_caches succeeded); MB = 10^6 bytes; real corpus: {meta.get('real_corpus')}")
     if any(row.get("backend") for row in rows):
+        codes = list(dict.fromkeys(row["watcher_code"] for row in rows if row.get("watcher_code")))
+        meta["watcher_code"] = codes
         print("\n" + service_table(rows))
-        print(f"\nservice logs: {log_dir}")
+        changed = " (it changed during the benchmark!)" if len(codes) > 1 else ""
+        print(f"\nservice code{changed}: {', '.join(codes)}; service logs: {log_dir}")
     if args.out:
         write_json(args.out, rows, meta)
     return 0

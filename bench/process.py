@@ -7,6 +7,8 @@ reads its memory and CPU from /proc and stops it with SIGTERM.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +32,24 @@ def service_command() -> list[str]:
     """``dicom-watcher`` beside this Python (the venv's console script), else ``python -m watcher``."""
     script = Path(sys.executable).with_name("dicom-watcher")
     return [str(script)] if script.exists() else [sys.executable, "-m", "watcher"]
+
+
+def watcher_code() -> str:
+    """Which service code a run used: git HEAD, ``+dirty`` and a hash of the package's .py files
+    (the service is being changed while benchmarks run)."""
+    spec = importlib.util.find_spec("watcher")
+    package = Path(spec.origin).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "", ""
+    return f"{head or 'no-git'}{'+dirty' if dirty else ''} py:{digest.hexdigest()[:10]}"
 
 
 def load_1m() -> float:
@@ -82,6 +102,7 @@ class ServiceRun:
         self.keep_log = keep_log  # where the service's log is copied on cleanup
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
+        self.code = ""  # watcher_code() when started
         self.server_started = backend.server_started()  # another PostgreSQL restart shows up here
         url = backend.create(workdir)
         incomplete = "" if incomplete_seconds is None else f"incomplete_seconds = {incomplete_seconds}\n"
@@ -101,6 +122,7 @@ class ServiceRun:
     def start(self, heartbeat_timeout: float = 600) -> float:
         """Start the service and wait for its heartbeat row; returns seconds until it appeared."""
         started = time.perf_counter()
+        self.code = watcher_code()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.command, "run", "--config", str(self.config_path)],

@@ -144,7 +144,7 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
     stopped = run.stop()
     cpu = after.cpu_seconds - before.cpu_seconds
     row.update({
-        "backend": run.backend.name, "load_1m": [load_start, load_end],
+        "backend": run.backend.name, "watcher_code": run.code, "load_1m": [load_start, load_end],
         "idle_rss_mb": before.rss_mb, "peak_rss_mb": after.peak_rss_mb,
         "cpu_seconds": round(cpu, 2), "cpu_seconds_total": round(after.cpu_seconds, 2),
         "cpu_s_per_1000": round(cpu * 1000 / files, 2) if files else None,

@@ -143,9 +143,10 @@ class Service:
         self.last_rescan = models.utcnow()
 
     def look_into(self, folder: str) -> None:
-        """A folder appeared: queue what it holds (files copied in before we watched it)."""
-        for path, _ in detect.scan(folder, self.config.watch.ignore):
-            self.notify(str(path), False)
+        """A folder appeared: queue what it holds (files copied in before we watched it),
+        each when it will have settled."""
+        for path, st in detect.scan(folder, self.config.watch.ignore):
+            self.schedule.put(str(path), settle.last_change(st) + self.config.watch.settle_seconds)
 
     def rescan_soon(self) -> None:
         """Rescan now, in the scheduler's thread (a folder moved in, an event queue overflow)."""
