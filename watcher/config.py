@@ -42,7 +42,7 @@ class Database:
 @dataclass(frozen=True)
 class Import:
     creator: str = "folder-scanner"
-    workers: int = 4
+    workers: int = 8
     node: str = field(default_factory=socket.gethostname)
     attempts: int = 3
     claim_seconds: float = 60.0
@@ -136,6 +136,7 @@ def _check(config: Config) -> None:
         raise ConfigError('archive.on_success = "move" needs archive.done_dir')
     if not 1 <= i.workers <= 64:
         raise ConfigError("import.workers must be between 1 and 64")
+
     if i.claim_seconds <= 0:
         raise ConfigError("import.claim_seconds must be positive")
     if i.attempts < 1:

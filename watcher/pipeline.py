@@ -18,13 +18,11 @@ from pathlib import Path
 
 import peewee
 
-from . import archive, catalog, claims, dispose
+from . import archive, catalog, claims, dispose, stage
 from .commit import commit_now
 from .config import Config
 from .errors import NotReady, Rejected, Unavailable
 from .names import to_text
-from .source import Source
-from .validate import validate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,37 +88,31 @@ def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int, com
 
 def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
     node, creator = config.import_.node, config.import_.creator
-    with Source(str(path)) as source:
-        info = validate(source)
+    staged = stage.prepare(str(path), config.archive.dir)
+    info, stored = staged.info, staged.stored
+    try:
+        if staged.changed:
+            raise NotReady("the file changed while it was being imported")
         if info.is_dicomdir:
-            _require_unchanged(source)
             catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
                                  detail="a DICOMDIR: the index of a disc, not an instance")
             outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
         else:
-            stored = archive.store_original(source, config.archive.dir)
-            try:
-                _require_unchanged(source)
-                result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
-            except (Rejected, NotReady):
-                _discard(stored, config)
-                raise
-            if result == "duplicate":  # the bytes are in the archive under the first import's day
-                _discard(stored, config)
+            result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
             outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
+    except (Rejected, NotReady):
+        _discard(stored, config)
+        raise
+    if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
+        _discard(stored, config)
     dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
     return outcome
 
 
 def _discard(stored, config: Config) -> None:
     """Remove an original we just stored that no row points at (a conflict, a duplicate)."""
-    if not catalog.is_referenced(stored.relpath):
+    if stored is not None and not catalog.is_referenced(stored.relpath):
         archive.remove(config.archive.dir, stored)
-
-
-def _require_unchanged(source: Source) -> None:
-    if source.changed():
-        raise NotReady("the file changed while it was being imported")
 
 
 def _reject(path, rel: str, reason: str, detail: str, config: Config) -> Outcome:
