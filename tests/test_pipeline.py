@@ -177,3 +177,30 @@ def test_study_shared_by_many_instances_is_one_row(config):
         ingest(write(config.watch.drop_dir / f"{i}.dcm", study_uid=study, series_uid=series), config)
     assert Study.select().count() == 1 and Series.select().count() == 1
     assert Instance.select().count() == 5
+
+
+def test_file_that_vanishes_before_import_is_noted_not_rejected(config):
+    src = write(config.watch.drop_dir / "gone.dcm")
+    src.unlink()
+    outcome = ingest(src, config)
+    assert outcome.outcome == "vanished"
+    assert Rejection.select().count() == 0 and Instance.select().count() == 0
+
+
+def test_file_written_to_while_being_read_is_not_trusted(config):
+    from watcher.source import Source
+    src = write(config.watch.drop_dir / "growing.dcm")
+    with Source(str(src)) as source:
+        assert not source.changed()
+        with open(src, "ab") as f:
+            f.write(b"\0\0")
+        assert source.changed()
+
+
+def test_file_replaced_under_the_same_name_is_not_trusted(config):
+    from watcher.source import Source
+    src = write(config.watch.drop_dir / "swap.dcm")
+    with Source(str(src)) as source:
+        other = write(config.watch.drop_dir / "other.dcm")
+        os.replace(other, src)
+        assert source.changed()
