@@ -56,20 +56,54 @@ def load_1m() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (worker processes, if the service starts any)."""
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                pids = [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+            found += pids
+            stack += pids
+    return found
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 @dataclass
 class ProcStats:
-    peak_rss_mb: float  # VmHWM
+    """The service process (as asked: children excluded) and its whole process tree."""
+
+    peak_rss_mb: float  # VmHWM of the service process
     rss_mb: float  # VmRSS
     cpu_seconds: float  # utime + stime, children excluded
+    tree_cpu_seconds: float  # + live descendants' utime + stime + reaped children's (cutime + cstime)
+    tree_pss_mb: float  # proportional set size of the tree now: shared pages counted once
+    processes: int
 
     @classmethod
     def read(cls, pid: int) -> "ProcStats":
         status = Path(f"/proc/{pid}/status").read_text()
         kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(Vm\w+):\s+(\d+) kB", status, re.M)}
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-        return cls(round(kb["VmHWM"] / 1024, 1), round(kb["VmRSS"] / 1024, 1),
-                   (utime + stime) / CLOCK_TICKS)
+        fields = _stat_fields(pid)
+        own = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+        tree, pss_kb, pids = own + int(fields[13]) + int(fields[14]), 0, [pid, *descendants(pid)]
+        for member in pids:
+            try:
+                if member != pid:
+                    child = _stat_fields(member)
+                    tree += int(child[11]) + int(child[12])
+                rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
+                pss_kb += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
+            except (OSError, AttributeError):  # gone meanwhile
+                continue
+        return cls(round(kb["VmHWM"] / 1024, 1), round(kb["VmRSS"] / 1024, 1), own / CLOCK_TICKS,
+                   tree / CLOCK_TICKS, round(pss_kb / 1024, 1), len(pids))
 
 
 @dataclass
@@ -103,6 +137,8 @@ class ServiceRun:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.code = ""  # watcher_code() when started
+        self.peak_tree_pss_mb = 0.0  # sampled: the tree's PSS at its highest reading
+        self.max_processes = 0
         self.server_started = backend.server_started()  # another PostgreSQL restart shows up here
         url = backend.create(workdir)
         incomplete = "" if incomplete_seconds is None else f"incomplete_seconds = {incomplete_seconds}\n"
@@ -143,7 +179,11 @@ class ServiceRun:
         return self.backend.server_started() != self.server_started
 
     def stats(self) -> ProcStats:
-        return ProcStats.read(self.pid)
+        """Read /proc now; also keeps the highest tree PSS seen (see ``sample``)."""
+        stats = ProcStats.read(self.pid)
+        self.peak_tree_pss_mb = max(self.peak_tree_pss_mb, stats.tree_pss_mb)
+        self.max_processes = max(self.max_processes, stats.processes)
+        return stats
 
     def stop(self, timeout: float = 120) -> Stopped:
         """SIGTERM the service (not a wrapper) and wait for it; SIGKILL after ``timeout``."""

@@ -112,9 +112,11 @@ def service_table(rows: list[dict]) -> str:
         if row.get("skipped"):
             lines.append((row["corpus"], row["what"]) + (None,) * 12 + (f"skipped: {row['skipped']}",))
             continue
+        several = (row.get("tree_processes") or 1) > 1  # then the parent alone is not the whole story
         lines.append((
-            row["corpus"], row["what"], row.get("first_outcome_s"), row.get("peak_rss_mb"),
-            row.get("cpu_s_per_1000"), _latency(row, "p50"), _latency(row, "p95"), _latency(row, "p99"),
+            row["corpus"], row["what"], row.get("first_outcome_s"),
+            f"{row['peak_rss_mb']} (tree PSS {row['tree_peak_pss_mb']})" if several else row.get("peak_rss_mb"),
+            f"{row['cpu_s_per_1000']} (tree {row['tree_cpu_s_per_1000']})" if several else row.get("cpu_s_per_1000"), _latency(row, "p50"), _latency(row, "p95"), _latency(row, "p99"),
             _latency(row, "max"), row.get("never_arrived", row.get("unaccounted")),
             f"{row['stop_seconds']:.2f} ({row['exit_code']})", row.get("left_in_drop"),
             row.get("log_problems"), _outcomes(row), "; ".join(row.get("notes", [])) or None))

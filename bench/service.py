@@ -111,6 +111,7 @@ def wait_accounted(run: ServiceRun, expected: int, stall_seconds: float,
         if run.proc.poll() is not None:
             LOGGER.error("the service exited with %s; log:\n%s", run.proc.returncode, run.log_tail())
             return count
+        run.stats()  # samples the process tree's memory
         time.sleep(POLL_SECONDS)
 
 
@@ -143,18 +144,23 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
     restarted = run.server_restarted()
     stopped = run.stop()
     cpu = after.cpu_seconds - before.cpu_seconds
+    tree_cpu = after.tree_cpu_seconds - before.tree_cpu_seconds
     row.update({
         "backend": run.backend.name, "watcher_code": run.code, "load_1m": [load_start, load_end],
         "idle_rss_mb": before.rss_mb, "peak_rss_mb": after.peak_rss_mb,
         "cpu_seconds": round(cpu, 2), "cpu_seconds_total": round(after.cpu_seconds, 2),
         "cpu_s_per_1000": round(cpu * 1000 / files, 2) if files else None,
         "cpu_s_per_gb": round(cpu * 1e9 / row["bytes"], 2) if row["bytes"] else None,
+        "tree_processes": run.max_processes, "tree_peak_pss_mb": run.peak_tree_pss_mb,
+        "tree_cpu_s_per_1000": round(tree_cpu * 1000 / files, 2) if files else None,
         "outcomes": outcomes, "rejection_reasons": reasons,
         "left_in_drop": len(left), "left_sample": left[:5], "archive_temporaries": temporaries,
         "exit_code": stopped.exit_code, "stop_seconds": stopped.stop_seconds, "killed": stopped.killed,
         "log_problems": stopped.log_problems, "log_warnings": stopped.log_warnings,
         "log_sample": stopped.log_sample,
     })
+    if run.max_processes > 1:
+        add_note(row, f"the service ran {run.max_processes} processes: see tree_* in the JSON")
     if restarted:
         LOGGER.warning("the %s server restarted during this run", run.backend.name)
         add_note(row, f"the {run.backend.name} server restarted during the run (not by the benchmark)")
@@ -282,7 +288,7 @@ def backlog(workdir: Path, backend: Backend, settings: Settings) -> dict:
             add_note(row, f"stopped after {settings.backlog_seconds:.0f} s with {count - accounted:,} "
                           f"files still queued (by design); RSS after the start-up scan "
                           f"{at_heartbeat.rss_mb} MB")
-        from_start = dataclasses.replace(at_heartbeat, cpu_seconds=0.0)  # the start-up scan counts too
+        from_start = dataclasses.replace(at_heartbeat, cpu_seconds=0.0, tree_cpu_seconds=0.0)  # the start-up scan counts too
         finish(run, row, from_start, load_start, accounted)
     LOGGER.info("%s", row)
     return row

@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def db_url(request, tmp_path):
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     return url
+
+
+def wait_for(predicate, timeout=30.0, step=0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
 
 
 def make_config(tmp_path: Path, db_url: str, **overrides):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config
+from conftest import wait_for, make_config
 from dicomfiles import write
 from watcher import models
 from watcher.models import Instance, Rejection
@@ -21,14 +21,6 @@ from watcher.service import Service
 pytestmark = pytest.mark.slow
 IS_ROOT = os.geteuid() == 0
 
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

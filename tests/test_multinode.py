@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, write_config_file
+from conftest import wait_for, make_config, write_config_file
 from dicomfiles import write
 from watcher import claims, models
 from watcher.models import Claim, Event, Instance, Study
@@ -45,14 +45,6 @@ def node_config(tmp_path, url, node, drop="drop", **watch):
                             **{"import": {"node": node, "claim_seconds": 3}})
     return cfg
 
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def files_in(folder: Path) -> int:

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, write_config_file
+from conftest import wait_for, make_config, write_config_file
 from dicomfiles import write
 from watcher import models
 from watcher.models import Instance
 from watcher.service import Service
 
-
-def wait_for(predicate, timeout=30.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def imported_count():
