@@ -185,7 +185,7 @@ class ServiceRun:
         self.max_processes = max(self.max_processes, stats.processes)
         return stats
 
-    def stop(self, timeout: float = 120) -> Stopped:
+    def stop(self, timeout: float = 60) -> Stopped:
         """SIGTERM the service (not a wrapper) and wait for it; SIGKILL after ``timeout``."""
         started = time.perf_counter()
         os.kill(self.pid, signal.SIGTERM)
@@ -193,7 +193,8 @@ class ServiceRun:
         try:
             code = self._wait_service(timeout)
         except subprocess.TimeoutExpired:
-            LOGGER.error("the service did not stop within %s s of SIGTERM; killing it", timeout)
+            LOGGER.error("the service did not stop within %s s of SIGTERM; its threads:\n%s",
+                         timeout, self.dump_threads())
             os.kill(self.pid, signal.SIGKILL)
             killed, code = True, self._wait_service(30)
         seconds = time.perf_counter() - started
@@ -203,6 +204,20 @@ class ServiceRun:
         problems, warnings, sample = self.log_problems()
         self.backend.close()
         return Stopped(code, round(seconds, 3), killed, problems, warnings, sample)
+
+    def dump_threads(self) -> str:
+        """Every thread's stack (py-spy dump), appended to the kept log too; for a hung stop."""
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        try:
+            dump = subprocess.run([pyspy, "dump", "--pid", str(self.pid)], capture_output=True,
+                                  text=True, timeout=60)
+            text = dump.stdout + dump.stderr
+        except (OSError, subprocess.SubprocessError) as exc:
+            text = f"(no stack dump: {exc})"
+        with self.log_path.open("a") as log:
+            log.write(f"\n--- bench: no exit {time.strftime('%H:%M:%S')} after SIGTERM; py-spy dump ---\n"
+                      f"{text}\n")
+        return text
 
     def _wait_service(self, timeout: float) -> int | None:
         if self.pid == self.proc.pid:

@@ -391,7 +391,8 @@ def _check_closing_element(sop_class_uid: str, walk: _Walk) -> None:
     if tags is None or walk.seen & tags:
         return
     if min(tags) > walk.last_tag:
-        raise NotReady(f"it ends before its {what}: maybe still being written")
+        raise NotReady(f"a {UID(sop_class_uid).name} that ends before its {what}: the copy may "
+                       "still be running, or stopped early, or the file never had it")
     raise Rejected("missing-attribute", f"a {UID(sop_class_uid).name} without {what}")
 
 
