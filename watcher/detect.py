@@ -9,7 +9,8 @@ import os
 import re
 from pathlib import Path
 
-from watchdog.events import FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileMovedEvent, FileSystemEventHandler)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ def scan(drop_dir: Path, ignore=()):
                     yield Path(entry.path), entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+
+
+# The events we act on. Asking inotify for these alone spares the observer the
+# flood of modify events from every write() of a large copy, and the open,
+# close-without-write and delete events of our own reads and removals.
+EVENTS = [FileCreatedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 
 
 class Handler(FileSystemEventHandler):
