@@ -90,7 +90,7 @@ def _write_temp(archive_dir: Path, chunks):
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
-        os.fsync(fd)
+        os.fdatasync(fd)  # the bytes and the size; the name is made durable by the folder fsync
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
