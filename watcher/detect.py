@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileMovedEvent, FileSystemEventHandler)
+                             FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,10 +52,13 @@ def scan(drop_dir: Path, ignore=()):
                 continue
 
 
-# The events we act on. Asking inotify for these alone spares the observer the
-# flood of modify events from every write() of a large copy, and the open,
-# close-without-write and delete events of our own reads and removals.
-EVENTS = [FileCreatedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+def events(poll: bool) -> list:
+    """The events we act on. Asking inotify for these alone spares the observer the
+    flood of modify events from every write() of a large copy, and the open,
+    close-without-write and delete events of our own reads and removals. A
+    poller has no close events: its (cheap) modify events say a file grew."""
+    wanted = [FileCreatedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+    return wanted + [FileModifiedEvent] if poll else wanted
 
 
 class Handler(FileSystemEventHandler):

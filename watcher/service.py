@@ -159,7 +159,7 @@ class Service:
     def _start_observer(self) -> None:
         observer = PollingObserver(timeout=1) if self.config.watch.poll else Observer()
         observer.schedule(detect.Handler(self.notify, self.look_into), str(self.config.watch.drop_dir),
-                          recursive=True, event_filter=detect.EVENTS)
+                          recursive=True, event_filter=detect.events(self.config.watch.poll))
         observer.daemon = True
         try:
             observer.start()
