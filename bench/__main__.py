@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only the physical limits or only the service measurements")
     parser.add_argument("--backends", default="sqlite,postgres",
                         help="service databases: comma-separated subset of sqlite,postgres")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="import.workers for the service (2 by default, whatever its own default)")
     parser.add_argument("--logs", type=Path, default=None,
                         help="keep every service run's log here (default: a dicom-bench-logs-* "
                              "folder in the temporary directory)")
@@ -128,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def service_settings(args: argparse.Namespace, log_dir: Path) -> service.Settings:
     base = service.QUICK if args.quick else service.FULL
-    return replace(base, backends=tuple(args.backends.split(",")), log_dir=log_dir)
+    return replace(base, backends=tuple(args.backends.split(",")), log_dir=log_dir, workers=args.workers)
 
 
 def run_profile(args: argparse.Namespace, plan: Plan, root: Path, log_dir: Path) -> int:

@@ -45,6 +45,7 @@ class Settings:
     stall_seconds: float = 20.0  # no new outcome for this long (plus 1 s per 50 MB of the largest
     # file): stop waiting and report what is missing
     log_dir: Path | None = None  # keep each run's service log here
+    workers: int = 2  # import.workers in the service's config
 
 
 QUICK = Settings(stream_rate=100.0, stream_seconds=5.0, backlog_files=2_000, backlog_seconds=60.0,
@@ -58,7 +59,7 @@ def service_run(workdir: Path, backend: Backend, settings: Settings, name: str, 
     """A fresh run; its log is kept as ``log_dir/<name>-<backend>.log`` when log_dir is set."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}-{backend.name}").strip("-").lower()
     keep = settings.log_dir / f"{slug}.log" if settings.log_dir else None
-    return ServiceRun(workdir, backend, keep_log=keep, **options)
+    return ServiceRun(workdir, backend, keep_log=keep, workers=settings.workers, **options)
 
 
 def stage(paths: list[Path], staging: Path) -> list[Path]:
@@ -189,7 +190,7 @@ def batch(corpus: str, paths: list[Path], workdir: Path, backend: Backend, setti
         times = span(backend, started)
         row = make_row(corpus, f"{what} ({backend.name})", files=len(paths), bytes_=size,
                        seconds=times["seconds"], cache="warm")
-        row.update({"accounted": count, "unaccounted": len(paths) - count,
+        row.update({"workers": settings.workers, "accounted": count, "unaccounted": len(paths) - count,
                     "drop_seconds": round(drop_seconds, 3), "first_outcome_s": times["first_outcome_s"]})
         finish(run, row, before, load_start, len(paths))
     LOGGER.info("%s", row)

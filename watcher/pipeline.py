@@ -123,7 +123,8 @@ def _reject(path, rel: str, reason: str, detail: str, config: Config) -> Outcome
     try:
         dispose.move(Path(path), dest)
     except OSError:
-        catalog.forget_rejection(dest)
+        if not os.path.lexists(dest):  # (if it is there, another node moved it: its row stays)
+            catalog.forget_rejection(dest)
         raise
     return Outcome("rejected", rel, sha256=sha256, reason=reason, detail=detail)
 
