@@ -10,7 +10,6 @@ import resource
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import hostile_corpus  # noqa: E402

@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_for, make_config, write_config_file
+from conftest import wait_for, write_config_file
 from dicomfiles import write
 from watcher import claims, models
 from watcher.models import Claim, Event, Instance, Study

@@ -1,13 +1,9 @@
 """The real service (subprocess or Service object with a real observer) imports files as they complete."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 

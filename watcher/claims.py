@@ -40,13 +40,9 @@ def claim(path, node: str, lease_seconds: float):
     until = now + datetime.timedelta(seconds=lease_for(size, lease_seconds))
     with write_transaction():
         _no_fsync_wait()
-        (Claim.insert(path=key, node=node, token=token, expires_at=until)
-         .on_conflict(conflict_target=[Claim.path],
-                      update={Claim.node: node, Claim.token: token, Claim.expires_at: until},
-                      where=(Claim.expires_at < now))
-         .execute())
-        holder = Claim.select(Claim.token).where(Claim.path == key).scalar()
-    if holder != token:
+        taken = database.execute_sql(_take_sql(database.param), (
+            key, node, token, _stamp(until), _stamp(now))).fetchone()
+    if taken is None:  # another node's claim, still within its lease
         yield False
         return
     try:
@@ -55,9 +51,22 @@ def claim(path, node: str, lease_seconds: float):
         try:
             with write_transaction():
                 _no_fsync_wait()
-                Claim.delete().where((Claim.path == key) & (Claim.token == token)).execute()
+                database.execute_sql(f'DELETE FROM "claim" WHERE "path" = {database.param} '
+                                     f'AND "token" = {database.param}', (key, token))
         except Exception:  # the database went away: the lease runs out by itself
             pass
+
+
+def _take_sql(p: str) -> str:
+    """Insert the claim, or take over an expired one; returns a row only if we got it."""
+    return (f'INSERT INTO "claim" ("path", "node", "token", "expires_at") VALUES ({p}, {p}, {p}, {p}) '
+            'ON CONFLICT ("path") DO UPDATE SET "node" = excluded."node", '
+            '"token" = excluded."token", "expires_at" = excluded."expires_at" '
+            f'WHERE "claim"."expires_at" < {p} RETURNING "token"')
+
+
+def _stamp(moment):
+    return Claim.expires_at.db_value(moment)
 
 
 def _no_fsync_wait() -> None:

@@ -9,7 +9,7 @@ import datetime
 import logging
 from pathlib import Path
 
-from peewee import (SQL, AutoField, BigIntegerField, CharField, DatabaseProxy, DateTimeField,
+from peewee import (AutoField, BigIntegerField, CharField, DatabaseProxy, DateTimeField,
                     ForeignKeyField, IntegerField, Model, PostgresqlDatabase, SqliteDatabase,
                     TextField)
 from playhouse import db_url
@@ -191,4 +191,4 @@ def _migrate(db) -> None:
         LOGGER.info("database migrated: %s", name)
 
 
-__all__ = ["database", "connect", "utcnow", "SQL"] + [m.__name__ for m in MODELS]
+__all__ = ["database", "connect", "utcnow"] + [m.__name__ for m in MODELS]
