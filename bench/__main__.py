@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -151,6 +152,8 @@ def run_profile(args: argparse.Namespace, plan: Plan, root: Path, log_dir: Path)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: services stopped, databases and folders removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # real test files are noisy on purpose
     plan = QUICK if args.quick else FULL

@@ -130,6 +130,7 @@ class ServiceRun:
         for folder in (self.drop, self.staging):
             folder.mkdir(parents=True)
         self.backend = backend
+        self.workers = workers
         self.log_path = workdir / "service.log"
         self.config_path = workdir / "watcher.toml"
         self.command = command or service_command()  # a profiler may wrap the service
@@ -269,7 +270,7 @@ class ServiceRun:
                     problems += 1
                     if len(lines) < sample:
                         lines.append(line.rstrip()[:300])
-                elif " WARNING " in line:
+                elif " WARNING " in line or "Warning: " in line:  # logging, or warnings.warn
                     warnings += 1
         return problems, warnings, lines
 

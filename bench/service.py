@@ -147,7 +147,8 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
     cpu = after.cpu_seconds - before.cpu_seconds
     tree_cpu = after.tree_cpu_seconds - before.tree_cpu_seconds
     row.update({
-        "backend": run.backend.name, "watcher_code": run.code, "load_1m": [load_start, load_end],
+        "backend": run.backend.name, "workers": run.workers, "watcher_code": run.code,
+        "load_1m": [load_start, load_end],
         "idle_rss_mb": before.rss_mb, "peak_rss_mb": after.peak_rss_mb,
         "cpu_seconds": round(cpu, 2), "cpu_seconds_total": round(after.cpu_seconds, 2),
         "cpu_s_per_1000": round(cpu * 1000 / files, 2) if files else None,
@@ -190,7 +191,7 @@ def batch(corpus: str, paths: list[Path], workdir: Path, backend: Backend, setti
         times = span(backend, started)
         row = make_row(corpus, f"{what} ({backend.name})", files=len(paths), bytes_=size,
                        seconds=times["seconds"], cache="warm")
-        row.update({"workers": settings.workers, "accounted": count, "unaccounted": len(paths) - count,
+        row.update({"accounted": count, "unaccounted": len(paths) - count,
                     "drop_seconds": round(drop_seconds, 3), "first_outcome_s": times["first_outcome_s"]})
         finish(run, row, before, load_start, len(paths))
     LOGGER.info("%s", row)

@@ -1,5 +1,6 @@
 """The real service (subprocess or Service object with a real observer) imports files as they complete."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_backlog_larger_than_the_queue_is_taken_in_slices(service_config, monkey
     with Service(service_config) as service:
         assert len(service.schedule) <= 40
         assert wait_for(lambda: imported_count() == 300, timeout=60)
+
+
+def test_file_moved_in_from_outside_is_imported_before_settle_seconds(tmp_path, db_url):
+    cfg = make_config(tmp_path, db_url, watch={"settle_seconds": 5, "rescan_seconds": 60})
+    models.connect(cfg.database.url)
+    outside = write(tmp_path / "elsewhere" / "x.dcm")
+    with Service(cfg):
+        time.sleep(5.5)  # so the file itself is settled: only the event can make it wait
+        os.utime(outside)  # a fresh change, as a copy that just finished
+        outside.rename(cfg.watch.drop_dir / "moved.dcm")
+        assert wait_for(lambda: imported_count() == 1, timeout=4)
+    models.database.close()

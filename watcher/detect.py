@@ -72,8 +72,8 @@ class Handler(FileSystemEventHandler):
 
     def on_any_event(self, event):
         kind = event.event_type
-        if kind in ("opened", "closed_no_write", "deleted"):
-            return
+        if kind in ("opened", "closed_no_write", "deleted") or kind == "moved" and not event.dest_path:
+            return  # (a move with no destination: moved out of the drop folder)
         if event.is_directory:
             if kind in ("created", "moved"):  # its files may come with no event of their own
                 self.look_into(os.fsdecode(event.dest_path if kind == "moved" else event.src_path))

@@ -157,7 +157,10 @@ class Service:
                 pass
 
     def _start_observer(self) -> None:
-        observer = PollingObserver(timeout=1) if self.config.watch.poll else Observer()
+        # Full events: a file renamed in from outside the drop folder is a move (done), not a
+        # creation (maybe still being written), so it need not wait out settle_seconds.
+        observer = (PollingObserver(timeout=1) if self.config.watch.poll
+                    else Observer(generate_full_events=True))
         observer.schedule(detect.Handler(self.notify, self.look_into), str(self.config.watch.drop_dir),
                           recursive=True, event_filter=detect.events(self.config.watch.poll))
         observer.daemon = True
