@@ -1,7 +1,7 @@
 """The real service, ``dicom-watcher run``, measured from outside: batch, stream, memory.
 
 - batch: the service waits on an empty drop folder; the whole corpus is renamed in at once
-  (hard links staged on the same disk, so the drop costs no copying) and the clock runs until
+  (copies staged on the same disk, so the drop costs no copying) and the clock runs until
   every file is accounted for in the database.
 - stream: a writer renames files in at a steady rate; latency is ``instance.imported_at``
   minus the moment of the rename.
@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -63,7 +64,12 @@ def service_run(workdir: Path, backend: Backend, settings: Settings, name: str, 
 
 
 def stage(paths: list[Path], staging: Path) -> list[Path]:
-    """Hard-link the corpus into ``staging`` (same disk, no bytes copied); relative paths."""
+    """Copy the corpus into ``staging`` (same disk) and sync it; relative paths.
+
+    Copies, not hard links: a dropped file with a second name elsewhere cannot be
+    taken into the archive as it is (watcher/archive.py), so links would measure the
+    copying path only. The sync leaves the copies on disk like the corpus the limits read.
+    """
     root = Path(os.path.commonpath([p.parent for p in paths]))
     made, relative = set(), []
     for path in paths:
@@ -72,8 +78,9 @@ def stage(paths: list[Path], staging: Path) -> list[Path]:
         if target.parent not in made:
             target.parent.mkdir(parents=True, exist_ok=True)
             made.add(target.parent)
-        os.link(path, target)
+        shutil.copyfile(path, target)
         relative.append(rel)
+    os.sync()
     return relative
 
 

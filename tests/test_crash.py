@@ -7,6 +7,7 @@ exactly once, byte for byte.
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,17 +36,22 @@ CRASHER = textwrap.dedent("""
     cli(["scan", "--final", "--config", sys.argv[1]])
 """)
 
+# Files that belong to the service are linked into the archive (no copy); files of
+# another user are copied. Both ways are crashed.
 STEPS = {
-    "original in a temporary file, before its rename": ("archive", "_write_temp", True),
-    "renamed, before the folder fsync": ("archive", "fsync_dir", False),
-    "stored, before commit": ("catalog", "record_instances", False),
-    "committed, before the source is removed": ("dispose", "remove_source", False),
-    "source removed, before anything else": ("dispose", "remove_source", True),
-    "rejection recorded, before the move": ("dispose", "move", False),
+    "original copied to a temporary file, before its rename": ("archive", "_write_temp", True, "other"),
+    "copied and renamed, before the folder fsync": ("archive", "fsync_dir", False, "other"),
+    "original linked to a temporary name, before its fsync": ("archive", "_link_inode", True, "ours"),
+    "linked and renamed, before the folder fsync": ("archive", "fsync_dir", False, "ours"),
+    "stored, before commit": ("catalog", "record_instances", False, "ours"),
+    "committed, before the source is removed": ("dispose", "remove_source", False, "ours"),
+    "source removed, before anything else": ("dispose", "remove_source", True, "ours"),
+    "rejection recorded, before the move": ("dispose", "move", False, "ours"),
 }
+NOBODY = 65534
 
 
-def crash_at(config_path, module, function, after):
+def crash_at(config_path, module, function, after, owner):
     code = CRASHER.format(module=module, function=function, after=after)
     proc = subprocess.run([sys.executable, "-c", code, str(config_path)], capture_output=True,
                           timeout=120)
@@ -68,6 +74,9 @@ def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
     ds.InstitutionName = "edited"
     files["z_conflict.dcm"] = write(drop / "z_conflict.dcm", ds).read_bytes()
     (drop / "junk.txt").write_bytes(files["junk.txt"])
+    if STEPS[step][3] == "other":
+        for name in files:
+            os.chown(drop / name, NOBODY, NOBODY)
 
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     crash_at(cfg, *STEPS[step])

@@ -9,6 +9,13 @@ fsync serves a whole batch of files (watcher/commit.py).
 Order: write a temporary file in ``<archive>/.tmp``, fsync it, rename it to its
 final name; the caller fsyncs the folder (``Stored.folder``) before any
 database row may point at it.
+
+Zero copy: an original held under a read lease (watcher/source.py) on the
+archive's file system is not copied but linked: the archive takes the very
+inode, made read-only, and the source's name is removed after the commit as
+usual. The lease proves nobody could write to it meanwhile; if someone asks
+to, the archive gets its own copy before we let go (``unshare``). An archive
+file is trusted as already stored only when it has no other name.
 """
 
 import datetime
@@ -32,6 +39,7 @@ class Stored:
     size: int
     created: bool  # False when these bytes were already there
     folder: Path  # fsync this before a row points at the file
+    linked: bool = False  # the archive holds the source's own inode (no bytes copied)
 
 
 def content_path(sha256: str, day: datetime.date) -> str:
@@ -39,35 +47,97 @@ def content_path(sha256: str, day: datetime.date) -> str:
 
 
 def store_original(source, archive_dir: Path, day: datetime.date | None = None) -> Stored:
-    """Copy ``source`` (a ``watcher.source.Source``) into the archive; the file is fsynced."""
+    """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced."""
     day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
-        if source.whole is not None:
-            sha = hashlib.sha256(source.whole).hexdigest()
-            rel = content_path(sha, day)
-            final = archive_dir / rel
-            if final.exists():
-                return Stored(rel, sha, source.size, False, final.parent)
-            tmp, _ = _write_temp(archive_dir, [source.whole])
-        else:
-            tmp, sha = _write_temp(archive_dir, source.chunks())
-            rel = content_path(sha, day)
-            final = archive_dir / rel
-            if final.exists():
-                os.unlink(tmp)
-                return Stored(rel, sha, source.size, False, final.parent)
-        _ensure_dir(final.parent)
-        try:
-            os.rename(tmp, final)
-        except FileNotFoundError:  # the folder was removed behind our back
-            _known_dirs.discard(final.parent)
-            _ensure_dir(final.parent)
-            os.rename(tmp, final)
-        return Stored(rel, sha, source.size, True, final.parent)
+        if source.leased and _device_of(archive_dir) == source.device:
+            return _store_link(source, archive_dir, day)
+        return _store_copy(source, archive_dir, day)
     except OSError as exc:
         if exc.errno in FULL_DISK:
             raise Unavailable(f"archive {archive_dir}: {exc.strerror}") from exc
         raise
+
+
+def _store_copy(source, archive_dir: Path, day: datetime.date) -> Stored:
+    if source.whole is not None:
+        sha = hashlib.sha256(source.whole).hexdigest()
+        final = archive_dir / content_path(sha, day)
+        if _is_stored(final):
+            return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+        tmp, _ = _write_temp(archive_dir, [source.whole])
+    else:
+        tmp, sha = _write_temp(archive_dir, source.chunks())
+        final = archive_dir / content_path(sha, day)
+        if _is_stored(final):
+            os.unlink(tmp)
+            return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+    _place(tmp, final)
+    return Stored(content_path(sha, day), sha, source.size, True, final.parent)
+
+
+def _store_link(source, archive_dir: Path, day: datetime.date) -> Stored:
+    sha = source.sha256()
+    final = archive_dir / content_path(sha, day)
+    if _is_stored(final):
+        return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+    if source.mode & 0o222:
+        os.fchmod(source.fd, 0o444)  # from now on only root could open it for writing
+    tmp = _temp_name(archive_dir)
+    _link_inode(source.fd, tmp)
+    try:
+        os.fsync(source.fd)  # its bytes and its new link count
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _place(tmp, final)
+    return Stored(content_path(sha, day), sha, source.size, True, final.parent, linked=True)
+
+
+def _link_inode(fd: int, dest: Path) -> None:
+    """A new name for the inode we hold open, whatever the old name points at by now.
+
+    linkat(2) follows /proc/self/fd/N only with AT_SYMLINK_FOLLOW, which os.link
+    passes only when given a folder descriptor.
+    """
+    folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", dest.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
+
+
+def unshare(source, archive_dir: Path, stored: Stored) -> None:
+    """Give a linked original its own copy: someone is waiting to write to the source's inode."""
+    tmp, _ = _write_temp(archive_dir, source.chunks())
+    os.rename(tmp, archive_dir / stored.relpath)
+    fsync_dir(stored.folder)
+
+
+def _device_of(folder: Path) -> int:
+    try:
+        return os.stat(folder).st_dev
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.stat(folder).st_dev
+
+
+def _is_stored(final: Path) -> bool:
+    """These bytes are stored already, in a file nothing else can change (it has no other name)."""
+    try:
+        return os.stat(final).st_nlink == 1
+    except FileNotFoundError:
+        return False
+
+
+def _place(tmp: Path, final: Path) -> None:
+    _ensure_dir(final.parent)
+    try:
+        os.rename(tmp, final)
+    except FileNotFoundError:  # the folder was removed behind our back
+        _known_dirs.discard(final.parent)
+        _ensure_dir(final.parent)
+        os.rename(tmp, final)
 
 
 def remove(archive_dir: Path, stored: Stored) -> None:
@@ -78,10 +148,14 @@ def remove(archive_dir: Path, stored: Stored) -> None:
         pass
 
 
-def _write_temp(archive_dir: Path, chunks):
+def _temp_name(archive_dir: Path) -> Path:
     tmp_dir = archive_dir / TMP
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
+    return tmp_dir / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def _write_temp(archive_dir: Path, chunks):
+    tmp = _temp_name(archive_dir)
     digest = hashlib.sha256()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:

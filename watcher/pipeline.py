@@ -88,24 +88,25 @@ def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int, com
 
 def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
     node, creator = config.import_.node, config.import_.creator
-    staged = stage.prepare(str(path), config.archive.dir)
-    info, stored = staged.info, staged.stored
-    try:
-        if staged.changed:
-            raise NotReady("the file changed while it was being imported")
-        if info.is_dicomdir:
-            catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
-                                 detail="a DICOMDIR: the index of a disc, not an instance")
-            outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
-        else:
-            result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
-            outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
-    except (Rejected, NotReady):
-        _discard(stored, config)
-        raise
-    if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
-        _discard(stored, config)
-    dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
+    link = config.archive.on_success == "delete"  # the source's name goes: the archive may keep its inode
+    with stage.prepare(str(path), config.archive.dir, link) as staged:
+        info, stored = staged.info, staged.stored
+        try:
+            if staged.changed:
+                raise NotReady("the file changed while it was being imported")
+            if info.is_dicomdir:
+                catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
+                                     detail="a DICOMDIR: the index of a disc, not an instance")
+                outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
+            else:
+                result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
+                outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
+        except (Rejected, NotReady):
+            _discard(stored, config)
+            raise
+        if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
+            _discard(stored, config)
+        dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
     return outcome
 
 

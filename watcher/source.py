@@ -4,10 +4,19 @@ A symbolic link is never followed and a FIFO never blocks us: the file is
 opened with O_NOFOLLOW | O_NONBLOCK and must be a regular file. Small files are
 read whole, once; validation, hashing and storing all use those same bytes.
 Large files are read in blocks, so memory stays flat whatever their size.
+
+With ``lease=True`` a file that belongs to us and has no other name is opened
+under a read lease (fcntl F_SETLEASE): the kernel grants it only while nobody
+has the file open for writing, and while we hold it anyone who opens the file
+for writing (or truncates it) waits until we let go. Under a lease the
+archive may keep this very inode instead of a copy (watcher/archive.py).
 """
 
 import errno
+import fcntl
+import hashlib
 import os
+import signal
 import stat
 from dataclasses import dataclass
 
@@ -19,16 +28,27 @@ BLOCK = 1 << 16
 
 @dataclass(frozen=True)
 class Signature:
-    """What tells us a file changed: any write moves ctime, and utime cannot fake it."""
+    """What tells us a file changed: any write moves ctime, and utime cannot fake it.
+
+    A new or removed name moves ctime too; that alone (same size, mtime and inode,
+    another link count) is not a change of the contents: the archive linking the
+    file, or a crash leaving such a link behind, must not look like a writer.
+    """
 
     size: int
     mtime_ns: int
     ctime_ns: int
     inode: int
+    nlink: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> "Signature":
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink)
+
+    def differs_from(self, other: "Signature") -> bool:
+        if (self.size, self.mtime_ns, self.inode) != (other.size, other.mtime_ns, other.inode):
+            return True
+        return self.ctime_ns != other.ctime_ns and self.nlink == other.nlink
 
 
 def _special() -> Rejected:
@@ -36,10 +56,19 @@ def _special() -> Rejected:
                     "only regular files can be imported")
 
 
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+# The kernel signals a lease holder when someone wants the file for writing. We do not
+# need the signal (we ask F_GETLEASE at the moments that matter), and SIGIO, the default,
+# would kill the process: send one whose default action is to be ignored.
+LEASE_BREAK_SIGNAL = signal.SIGURG
+
+
 class Source:
     """An open regular file from the drop folder. Use as a context manager."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, lease: bool = False):
         self.path = path
         try:
             mode = os.lstat(path).st_mode
@@ -64,6 +93,9 @@ class Source:
             raise _special()
         self.signature = Signature.of(st)
         self.size = st.st_size
+        self.mode = st.st_mode
+        self.device = st.st_dev
+        self.leased = lease and st.st_nlink == 1 and st.st_uid == os.geteuid() and _take_read_lease(self.fd)
         self.whole: bytes | None = None
         if self.size <= WHOLE_FILE_LIMIT:
             self.whole = self._pread(self.size, 0)
@@ -103,19 +135,45 @@ class Source:
             yield chunk
             pos += len(chunk)
 
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
+
     def changed(self) -> bool:
-        """True when the file was written to (or replaced) since we opened it."""
+        """True when the file was written to (or replaced) since we opened it.
+
+        Under a lease nobody could write to it; the lease is broken when someone is
+        waiting to, which makes the file as untrustworthy as a write would.
+        """
         try:
             now = Signature.of(os.stat(self.path, follow_symlinks=False))
         except FileNotFoundError:
             return True
-        return now != self.signature or Signature.of(os.fstat(self.fd)) != self.signature
+        if self.leased:
+            return self.lease_broken() or now.inode != self.signature.inode
+        return now.differs_from(self.signature) or Signature.of(os.fstat(self.fd)).differs_from(self.signature)
+
+    def lease_broken(self) -> bool:
+        """Someone has asked to open the file for writing since we took the lease."""
+        return fcntl.fcntl(self.fd, F_GETLEASE) != fcntl.F_RDLCK
 
     def close(self) -> None:
-        os.close(self.fd)
+        os.close(self.fd)  # (and with it the lease)
 
     def __enter__(self) -> "Source":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _take_read_lease(fd: int) -> bool:
+    """False when someone has the file open for writing, or the file system has no leases."""
+    try:
+        fcntl.fcntl(fd, F_SETSIG, LEASE_BREAK_SIGNAL)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:  # EAGAIN: a writer has it open; EACCES, EINVAL: not possible here
+        return False

@@ -1,10 +1,12 @@
 """Stage an original: open the file, prove it complete and valid, store its bytes.
 
-This is the part of an import that costs CPU and I/O and needs no database;
-``prepare`` takes and returns only plain values. The database and the drop
-folder are left to watcher/pipeline.py.
+This is the part of an import that costs CPU and I/O and needs no database.
+The file stays open (and, when the archive took its inode, under its lease)
+until the caller has committed the row and disposed of the source: only then
+can we tell whether a writer asked for the file meanwhile (``Staged.seal``).
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,12 @@ class Staged:
     changed: bool  # written to while we read it: the caller must not trust this stage
 
 
-def prepare(path: str, archive_dir: Path) -> Staged:
-    with Source(path) as source:
+@contextlib.contextmanager
+def prepare(path: str, archive_dir: Path, link: bool = False):
+    """Yield the ``Staged`` file; ``link``: the archive may take the file's own inode."""
+    with Source(path, lease=link) as source:
         info = validate(source)
         stored = None if info.is_dicomdir else archive.store_original(source, archive_dir)
-        return Staged(info, stored, source.changed())
-
+        yield Staged(info, stored, source.changed())
+        if stored is not None and stored.linked and source.lease_broken():
+            archive.unshare(source, archive_dir, stored)
