@@ -117,8 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only the physical limits or only the service measurements")
     parser.add_argument("--backends", default="sqlite,postgres",
                         help="service databases: comma-separated subset of sqlite,postgres")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="import.workers for the service (2 by default, whatever its own default)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="import.workers for the service (by default its own default)")
     parser.add_argument("--logs", type=Path, default=None,
                         help="keep every service run's log here (default: a dicom-bench-logs-* "
                              "folder in the temporary directory)")

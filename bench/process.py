@@ -79,7 +79,7 @@ def _stat_fields(pid: int) -> list[str]:
 class ProcStats:
     """The service process (as asked: children excluded) and its whole process tree."""
 
-    peak_rss_mb: float  # VmHWM of the service process
+    peak_rss_mb: float  # VmHWM of the service process, or of its largest child (importer processes)
     rss_mb: float  # VmRSS
     cpu_seconds: float  # utime + stime, children excluded
     tree_cpu_seconds: float  # + live descendants' utime + stime + reaped children's (cutime + cstime)
@@ -93,16 +93,19 @@ class ProcStats:
         fields = _stat_fields(pid)
         own = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
         tree, pss_kb, pids = own + int(fields[13]) + int(fields[14]), 0, [pid, *descendants(pid)]
+        peak_kb = kb["VmHWM"]
         for member in pids:
             try:
                 if member != pid:
                     child = _stat_fields(member)
                     tree += int(child[11]) + int(child[12])
+                    hwm = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{member}/status").read_text(), re.M)
+                    peak_kb = max(peak_kb, int(hwm.group(1)))
                 rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
                 pss_kb += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
             except (OSError, AttributeError):  # gone meanwhile
                 continue
-        return cls(round(kb["VmHWM"] / 1024, 1), round(kb["VmRSS"] / 1024, 1), own / CLOCK_TICKS,
+        return cls(round(peak_kb / 1024, 1), round(kb["VmRSS"] / 1024, 1), own / CLOCK_TICKS,
                    tree / CLOCK_TICKS, round(pss_kb / 1024, 1), len(pids))
 
 
@@ -119,7 +122,7 @@ class Stopped:
 class ServiceRun:
     """One run of the service on a fresh database and empty folders under ``workdir``."""
 
-    def __init__(self, workdir: Path, backend: Backend, *, workers: int = 2, settle_seconds: float = 2,
+    def __init__(self, workdir: Path, backend: Backend, *, workers: int | None = None, settle_seconds: float = 2,
                  rescan_seconds: float = 5, incomplete_seconds: float | None = None,
                  command: list[str] | None = None, keep_log: Path | None = None):
         shutil.rmtree(workdir, ignore_errors=True)
@@ -153,7 +156,7 @@ class ServiceRun:
             "[database]\n"
             f"url = {text(url)}\n"
             "[import]\n"
-            f'workers = {workers}\nnode = "bench"\n')
+            + ("" if workers is None else f"workers = {workers}\n") + 'node = "bench"\n')
 
     # -- life cycle ------------------------------------------------------------------
     def start(self, heartbeat_timeout: float = 600) -> float:

@@ -46,7 +46,7 @@ class Settings:
     stall_seconds: float = 20.0  # no new outcome for this long (plus 1 s per 50 MB of the largest
     # file): stop waiting and report what is missing
     log_dir: Path | None = None  # keep each run's service log here
-    workers: int = 2  # import.workers in the service's config
+    workers: int | None = None  # import.workers in the service's config; None: its own default
 
 
 QUICK = Settings(stream_rate=100.0, stream_seconds=5.0, backlog_files=2_000, backlog_seconds=60.0,

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import wait_for, make_config, write_config_file
 from dicomfiles import write
-from watcher import models
+from watcher import models, report
 from watcher.models import Instance
 from watcher.service import Service
 
@@ -164,3 +164,51 @@ def test_file_moved_in_from_outside_is_imported_before_settle_seconds(tmp_path, 
         outside.rename(cfg.watch.drop_dir / "moved.dcm")
         assert wait_for(lambda: imported_count() == 1, timeout=4)
     models.database.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def test_importer_processes_share_the_work_and_one_that_dies_is_replaced(tmp_path, db_url):
+    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 0, "rescan_seconds": 1},
+                                 **{"import": {"processes": 2, "workers": 2}})
+    drop = tmp_path / "drop"
+    for i in range(300):
+        write(drop / f"a{i}.dcm", rows=2, columns=2)
+    log = tmp_path / "service.log"  # (a pipe nobody reads would fill up and stall the service)
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    try:
+        assert wait_for(lambda: len(_children(proc.pid)) == 2)
+        assert wait_for(lambda: not any(drop.iterdir()), timeout=60)
+        first, second = _children(proc.pid)
+        os.kill(second, signal.SIGKILL)  # one importer crashes: its share must not be orphaned
+        assert wait_for(lambda: len(_children(proc.pid)) == 2 and second not in _children(proc.pid))
+        for i in range(300):
+            write(drop / f"b{i}.dcm", rows=2, columns=2)
+        assert wait_for(lambda: not any(drop.iterdir()), timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert not os.path.exists(f"/proc/{first}")  # the children stopped with their parent
+    models.connect(f"{db_url}")
+    try:
+        sources = [i.source for i in Instance.select()]
+        assert sorted(sources) == sorted([f"a{i}.dcm" for i in range(300)] + [f"b{i}.dcm" for i in range(300)])
+        nodes = {n["node"]: n["state"] for n in report.status()["nodes"]}
+        assert nodes == {"test-node": "stopped", "test-node#1": "stopped"}
+    finally:
+        models.database.close()
+
+
+def test_killing_the_service_kills_its_importers(tmp_path, db_url):
+    cfg_path = write_config_file(tmp_path, db_url, **{"import": {"processes": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: len(_children(proc.pid)) == 2)
+    children = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), timeout=10)

@@ -42,6 +42,7 @@ class Database:
 @dataclass(frozen=True)
 class Import:
     creator: str = "folder-scanner"
+    processes: int = 0  # importer processes; 0: one per CPU core
     workers: int = 8
     node: str = field(default_factory=socket.gethostname)
     attempts: int = 3
@@ -134,6 +135,8 @@ def _check(config: Config) -> None:
         raise ConfigError('archive.on_success must be "delete" or "move"')
     if a.on_success == "move" and a.done_dir is None:
         raise ConfigError('archive.on_success = "move" needs archive.done_dir')
+    if not 0 <= i.processes <= 64:
+        raise ConfigError("import.processes must be between 0 (one per CPU core) and 64")
     if not 1 <= i.workers <= 64:
         raise ConfigError("import.workers must be between 1 and 64")
 

@@ -6,15 +6,22 @@ at start-up and every ``rescan_seconds`` (APScheduler) says *what is there*,
 covering missed events, queue overflows and network shares. Worker threads
 take due paths from the schedule, which never hands one path to two workers
 at once, and run each through the same ``ingest`` as ``dicom-watcher scan``.
+
+``run`` starts one such service per CPU core (``import.processes``), each a
+process of its own that takes the paths whose hash falls to it: Python's
+threads share one core, processes do not.
 """
 
 import collections
+import ctypes
 import datetime
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+import zlib
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
@@ -36,9 +43,13 @@ CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is go
 
 
 class Service:
-    def __init__(self, config: Config, clock=time.time):
+    def __init__(self, config: Config, clock=time.time, shard: tuple[int, int] = (0, 1)):
+        """``shard`` (k, n): this service takes the paths whose hash is k modulo n."""
         self.config = config
         self.clock = clock
+        self.shard = shard
+        node = config.import_.node
+        self.node = node if shard[0] == 0 else f"{node}#{shard[0]}"
         self.schedule = Schedule(clock)
         self.done_at: dict = {}  # path -> when a writer closed it or it was renamed in
         self.attempts = collections.Counter()
@@ -103,6 +114,8 @@ class Service:
     # -- producers ---------------------------------------------------------------
     def notify(self, path: str, done: bool) -> None:
         """A watchdog event for ``path``; ``done`` when it was closed after writing or renamed in."""
+        if not self._mine(path):
+            return
         rel = os.path.relpath(path, self.config.watch.drop_dir)
         if rel.startswith("..") or any(detect.is_ignored(part, self.config.watch.ignore)
                                        for part in rel.split(os.sep)):
@@ -135,18 +148,26 @@ class Service:
         now = self.clock()
         self._more_to_scan = False
         for path, _ in detect.scan(drop, self.config.watch.ignore):
+            if not self._mine(str(path)):
+                continue
             if len(self.schedule) >= MAX_QUEUED:  # a huge backlog: take it in slices, memory stays flat
                 self._more_to_scan = True
                 break
             self.schedule.put(str(path), now)
-        dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds), now)
+        if self.shard[0] == 0:  # one service of a node is enough for that
+            dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds), now)
         self.last_rescan = models.utcnow()
 
     def look_into(self, folder: str) -> None:
         """A folder appeared: queue what it holds (files copied in before we watched it),
         each when it will have settled."""
         for path, st in detect.scan(folder, self.config.watch.ignore):
-            self.schedule.put(str(path), settle.last_change(st) + self.config.watch.settle_seconds)
+            if self._mine(str(path)):
+                self.schedule.put(str(path), settle.last_change(st) + self.config.watch.settle_seconds)
+
+    def _mine(self, path: str) -> bool:
+        k, n = self.shard
+        return n == 1 or zlib.crc32(os.fsencode(path)) % n == k
 
     def rescan_soon(self) -> None:
         """Rescan now, in the scheduler's thread (a folder moved in, an event queue overflow)."""
@@ -240,7 +261,7 @@ class Service:
 
     # -- liveness ----------------------------------------------------------------
     def heartbeat(self, state: str = "running") -> None:
-        node = self.config.import_.node
+        node = self.node
         values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at,
                       last_seen=models.utcnow(), last_rescan=self.last_rescan,
                       queue_depth=len(self.schedule), in_flight=self.schedule.busy_count(),
@@ -291,6 +312,55 @@ logging.getLogger("watchdog.observers.inotify").addFilter(_not_the_stop_race)
 
 
 def run(config: Config, stop: threading.Event) -> None:
-    """Run until ``stop`` is set (the CLI sets it on SIGTERM or SIGINT)."""
-    with Service(config):
-        stop.wait()
+    """Run until ``stop`` is set (the CLI sets it on SIGTERM or SIGINT).
+
+    With more than one process (``import.processes``), this process only
+    supervises: it forks one service per shard, restarts one that dies, and
+    passes SIGTERM on. A child dies with its parent (PR_SET_PDEATHSIG), so a
+    kill -9 of the service is a kill -9 of every part of it.
+    """
+    processes = config.import_.processes or os.cpu_count() or 1
+    if processes == 1:
+        with Service(config):
+            stop.wait()
+        return
+    models.database.close()  # the children open their own connections
+    children = {_fork(config, (k, processes), stop): k for k in range(processes)}
+    restarts = collections.Counter()
+    while not stop.wait(0.5):
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid in children:
+            k = children.pop(pid)
+            restarts[k] += 1
+            LOGGER.error("importer %d of %d (pid %d) ended with status %d; starting it again",
+                         k + 1, processes, pid, status)
+            stop.wait(min(2 ** restarts[k], MAX_PAUSE))
+            if not stop.is_set():
+                children[_fork(config, (k, processes), stop)] = k
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        os.waitpid(pid, 0)
+
+
+def _fork(config: Config, shard: tuple[int, int], stop: threading.Event) -> int:
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: ``stop`` is its own copy, set by the signal handlers it inherited
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == parent:  # (else the parent died before the prctl)
+            models.connect(config.database.url, migrate=False)
+            with Service(config, shard=shard):
+                stop.wait()
+        code = 0
+    except BaseException:
+        LOGGER.exception("importer %d of %d failed", shard[0] + 1, shard[1])
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+PR_SET_PDEATHSIG = 1
