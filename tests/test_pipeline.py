@@ -204,3 +204,28 @@ def test_file_replaced_under_the_same_name_is_not_trusted(config):
         other = write(config.watch.drop_dir / "other.dcm")
         os.replace(other, src)
         assert source.changed()
+
+
+def test_files_ingested_together_each_get_their_own_outcome(config):
+    from watcher.pipeline import ingest_together
+    drop = config.watch.drop_dir
+    good = write(drop / "a.dcm")
+    copy = drop / "copy" / "a.dcm"
+    copy.parent.mkdir()
+    copy.write_bytes(good.read_bytes())
+    ds = ct(sop_uid="1.2.826.0.1.3680043.99.42")
+    first = write(drop / "first.dcm", ds)
+    ds.InstitutionName = "edited"
+    second = write(drop / "second.dcm", ds)
+    junk = drop / "junk.txt"
+    junk.write_bytes(b"not dicom " * 30)
+    cut = write(drop / "cut.dcm")
+    cut.write_bytes(cut.read_bytes()[:-100])
+    paths = [good, copy, first, second, junk, cut]
+    outcomes = ingest_together([(p, False, 1) for p in paths], config)  # one commit for all
+    assert [(o.outcome, o.reason) for o in outcomes] == [
+        ("imported", None), ("duplicate", None), ("imported", None), ("rejected", "conflict"),
+        ("rejected", "not-dicom"), ("pending", None)]
+    assert Instance.select().count() == 2
+    assert [p.exists() for p in paths] == [False, False, False, False, False, True]
+    assert sorted(r.reason for r in Rejection.select()) == ["conflict", "not-dicom"]

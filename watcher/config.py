@@ -43,7 +43,7 @@ class Database:
 class Import:
     creator: str = "folder-scanner"
     processes: int = 0  # importer processes; 0: one per CPU core
-    workers: int = 8
+    workers: int = 2
     node: str = field(default_factory=socket.gethostname)
     attempts: int = 3
     claim_seconds: float = 60.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import peewee
 
 from . import archive, catalog, claims, dispose, stage
-from .commit import commit_now
+from .commit import commit_all, commit_now
 from .config import Config
 from .errors import NotReady, Rejected, Unavailable
 from .names import to_text
@@ -45,14 +45,71 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
     ``final``: the file has not changed for ``incomplete_seconds``, so if it is
     still incomplete it never will be complete: reject it.
     ``attempt``: how many times an unexpected error has been met for it so far, plus one.
-    ``commit``: runs the database write durably (``commit_now``, or a ``GroupCommit``).
+    ``commit``: writes its instance record durably and returns "imported" or "duplicate"
+    (``commit_now``); ``ingest_together`` commits many files' records at once instead.
     """
+    steps = ingesting(path, config, final, attempt)
+    try:
+        record = next(steps)
+        while True:  # (once: a file has one record)
+            try:
+                result = commit(record)
+            except Exception as exc:
+                record = steps.throw(exc)
+            else:
+                record = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+def ingest_together(files: list, config: Config) -> list:
+    """``ingest`` for many files, their rows committed in one transaction (one fsync for all).
+
+    ``files``: (path, final, attempt) tuples. Returns, in order, each file's Outcome, or the
+    ``Unavailable`` that stopped it.
+    """
+    results: list = [None] * len(files)
+    waiting: list = []  # (index, steps, record): stored, waiting for the commit
+    for i, (path, final, attempt) in enumerate(files):
+        results[i] = _advance(ingesting(path, config, final, attempt), i, waiting)
+    while waiting:
+        batch, waiting = waiting, []
+        for (i, steps, _), result in zip(batch, commit_all([record for _, _, record in batch])):
+            results[i] = _advance(steps, i, waiting, result)
+    return results
+
+
+_START = object()
+
+
+def _advance(steps, i: int, waiting: list, result=_START):
+    """Run ``steps`` on (sent ``result``, or thrown it if an exception) to its next record,
+    which goes to ``waiting``, or to its outcome, which is returned."""
+    try:
+        if result is _START:
+            record = next(steps)
+        elif isinstance(result, Exception):
+            record = steps.throw(result)
+        else:
+            record = steps.send(result)
+    except StopIteration as done:
+        return done.value
+    except Unavailable as exc:
+        return exc
+    waiting.append((i, steps, record))
+    return None
+
+
+def ingesting(path: Path, config: Config, final: bool = False, attempt: int = 1):
+    """The stages of ``ingest`` as a generator: it yields the file's instance record once the
+    original is stored, is sent the commit's result (or thrown its exception) and returns the
+    Outcome; the caller decides how records are committed."""
     started = time.monotonic()
     rel = os.path.relpath(path, config.watch.drop_dir)
     try:
         with claims.claim(path, config.import_.node, config.import_.claim_seconds) as held:
             if held:
-                outcome = _decide(Path(path), rel, config, final, attempt, commit)
+                outcome = yield from _decide(Path(path), rel, config, final, attempt)
             else:
                 outcome = Outcome("claimed", rel, detail="another node is importing it")
     except Exception as exc:  # the decision itself could not be carried out
@@ -68,9 +125,9 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
     return outcome
 
 
-def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int, commit) -> Outcome:
+def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int):
     try:
-        return _ingest(path, rel, config, commit)
+        return (yield from _ingest(path, rel, config))
     except Rejected as exc:
         return _reject(path, rel, exc.reason, exc.detail, config)
     except NotReady as exc:
@@ -86,7 +143,7 @@ def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int, com
         return _reject(path, rel, "error", detail, config)
 
 
-def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
+def _ingest(path: Path, rel: str, config: Config):
     node, creator = config.import_.node, config.import_.creator
     link = config.archive.on_success == "delete"  # the source's name goes: the archive may keep its inode
     with stage.prepare(str(path), config.archive.dir, link) as staged:
@@ -99,7 +156,7 @@ def _ingest(path: Path, rel: str, config: Config, commit) -> Outcome:
                                      detail="a DICOMDIR: the index of a disc, not an instance")
                 outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
             else:
-                result = commit(catalog.InstanceRecord(info, stored, rel, creator, node))
+                result = yield catalog.InstanceRecord(info, stored, rel, creator, node)
                 outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
         except (Rejected, NotReady):
             _discard(stored, config)

@@ -54,6 +54,24 @@ class Schedule:
                 self._cond.wait(max(wake - now, 0.001))
             return None
 
+    def take_due(self, most: int) -> list[str]:
+        """Up to ``most`` more paths that are due now, marked busy; never waits."""
+        taken = []
+        with self._cond:
+            now = self._clock()
+            while len(taken) < most and self._heap and not self._closed:
+                at, _, path = self._heap[0]
+                if self._due.get(path) != at:
+                    heapq.heappop(self._heap)  # superseded by an earlier put
+                    continue
+                if max(at, self._paused_until) > now:
+                    break
+                heapq.heappop(self._heap)
+                del self._due[path]
+                self._busy.add(path)
+                taken.append(path)
+        return taken
+
     def release(self, path: str) -> None:
         with self._cond:
             self._busy.discard(path)

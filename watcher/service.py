@@ -5,7 +5,9 @@ after writing or a rename into the folder means "look now"), and a full scan
 at start-up and every ``rescan_seconds`` (APScheduler) says *what is there*,
 covering missed events, queue overflows and network shares. Worker threads
 take due paths from the schedule, which never hands one path to two workers
-at once, and run each through the same ``ingest`` as ``dicom-watcher scan``.
+at once, and run each through the same stages as ``dicom-watcher scan``; a
+worker takes every path that is due (up to ``BATCH``) and commits their rows
+in one transaction.
 
 ``run`` starts one such service per CPU core (``import.processes``), each a
 process of its own that takes the paths whose hash falls to it: Python's
@@ -28,10 +30,9 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from . import archive, claims, detect, dispose, models, settle
-from .commit import GroupCommit
 from .config import Config
 from .errors import Unavailable
-from .pipeline import ingest
+from .pipeline import ingest_together
 from .schedule import Schedule
 
 LOGGER = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ DIR_QUIET_SECONDS = 60.0  # an emptied sub-folder may be about to receive a copy
 MAX_PAUSE = 30.0
 MAX_QUEUED = 10_000  # paths queued at once; a larger backlog is rescanned in slices
 CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is gone by then, usually)
+BATCH = 64  # files a worker takes at once, when that many are due: one commit for all
 
 
 class Service:
@@ -62,7 +64,6 @@ class Service:
         self._scheduler = None
         self._workers = []
         self._pause = 1.0
-        self._commit = GroupCommit()
         self._more_to_scan = False
 
     # -- life cycle --------------------------------------------------------------
@@ -77,7 +78,6 @@ class Service:
         self._scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
                                 id="heartbeat", max_instances=1, coalesce=True)
         self._scheduler.start()
-        self._commit.start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             worker.start()
@@ -97,7 +97,6 @@ class Service:
         self.schedule.close()
         for worker in self._workers:
             worker.join()
-        self._commit.stop()
         if self._observer is not None:
             self._observer.join()
         _OverflowAlarm.remove(self)
@@ -206,40 +205,54 @@ class Service:
                 path = self.schedule.take(timeout=0.5)
                 if path is None:
                     continue
+                paths = [path, *self.schedule.take_due(BATCH - 1)]
                 try:
-                    self._look_at(path)
+                    self._look_at(paths)
                 finally:
-                    self.schedule.release(path)
+                    for path in paths:
+                        self.schedule.release(path)
         finally:
             models.database.close()
 
-    def _look_at(self, path: str) -> None:
+    def _look_at(self, paths: list[str]) -> None:
+        """Import the paths that are ready, together; put the others back for later."""
         w = self.config.watch
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            self._forget(path)
-            return
         now = self.clock()
-        wait = settle.wait_seconds(st, now, w.settle_seconds, self.done_at.get(path))
-        if wait > 0:
-            self.schedule.put(path, now + wait)
-            return
-        self.attempts[path] += 1
-        try:
-            outcome = ingest(path, self.config, final=settle.is_final(st, now, w.incomplete_seconds),
-                             attempt=self.attempts[path], commit=self._commit)
-        except Unavailable as exc:
-            self.attempts[path] -= 1
+        ready = []  # (path, lstat)
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self._forget(path)
+                continue
+            wait = settle.wait_seconds(st, now, w.settle_seconds, self.done_at.get(path))
+            if wait > 0:
+                self.schedule.put(path, now + wait)
+                continue
+            self.attempts[path] += 1
+            ready.append((path, st))
+        files = [(path, settle.is_final(st, now, w.incomplete_seconds), self.attempts[path])
+                 for path, st in ready]
+        unavailable = None
+        for (path, st), outcome in zip(ready, ingest_together(files, self.config)):
+            if isinstance(outcome, Unavailable):  # not the file's fault: it stays, untouched
+                unavailable = outcome
+                self.attempts[path] -= 1
+                self.schedule.put(path, now)
+            else:
+                self._after(path, st, now, outcome)
+        if unavailable is not None:
             models.reset_connection()
             if self._pause == 1.0:
-                LOGGER.error("cannot import now, files stay where they are: %s", exc)
+                LOGGER.error("cannot import now, files stay where they are: %s", unavailable)
             LOGGER.warning("waiting %.0f s before trying again", self._pause)
             self.schedule.pause(self._pause)
-            self.schedule.put(path, now)
             self._pause = min(self._pause * 2, MAX_PAUSE)
-            return
-        self._pause = 1.0
+        elif ready:
+            self._pause = 1.0
+
+    def _after(self, path: str, st: os.stat_result, now: float, outcome) -> None:
+        w = self.config.watch
         self.counts[outcome.outcome] += 1
         if self._more_to_scan and len(self.schedule) < MAX_QUEUED // 2:
             self._more_to_scan = False

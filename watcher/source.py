@@ -135,6 +135,11 @@ class Source:
             yield chunk
             pos += len(chunk)
 
+    def drop_buffer(self) -> None:
+        """Forget the bytes read (kept open, the file is read again if needed): a batch of
+        files waiting for their commit must not hold their contents in memory."""
+        self.whole, self._block, self._block_start = None, b"", 0
+
     def sha256(self) -> str:
         digest = hashlib.sha256()
         for chunk in self.chunks():

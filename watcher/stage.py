@@ -28,6 +28,7 @@ def prepare(path: str, archive_dir: Path, link: bool = False):
     with Source(path, lease=link) as source:
         info = validate(source)
         stored = None if info.is_dicomdir else archive.store_original(source, archive_dir)
+        source.drop_buffer()
         yield Staged(info, stored, source.changed())
         if stored is not None and stored.linked and source.lease_broken():
             archive.unshare(source, archive_dir, stored)
