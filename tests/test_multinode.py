@@ -149,3 +149,42 @@ def test_postgresql_restart_during_import_loses_nothing(pg_url, tmp_path):
     log = (tmp_path / "a.log").read_text()
     assert "cannot import now" in log, "the restart was not noticed: did it happen mid-import?"
     assert len({i.sop_instance_uid for i in Instance.select()}) == 1500
+
+
+def test_same_uid_committed_by_another_connection_meanwhile_is_a_conflict(pg_url, tmp_path):
+    """Two importers insert one SOP Instance UID at once: the second waits for the first's
+    commit, fails on the unique key, and must come out as a conflict, not an error."""
+    import threading
+    from dicomfiles import ct
+    from watcher import archive, catalog
+    from watcher.commit import commit_all
+    from watcher.source import Source
+    from watcher.validate import validate
+
+    def record(path):
+        with Source(str(path)) as source:
+            info = validate(source)
+            stored = archive.store_original(source, tmp_path / "archive")
+        return catalog.InstanceRecord(info, stored, path.name, "folder-scanner", "n")
+
+    ds = ct(sop_uid="1.2.826.0.1.3680043.99.77")
+    first = record(write(tmp_path / "first.dcm", ds))
+    ds.InstitutionName = "edited"
+    second = record(write(tmp_path / "second.dcm", ds))
+    holding, results = threading.Event(), {}
+
+    def first_importer():
+        with models.write_transaction():
+            catalog.record_instances([first])
+            holding.set()
+            time.sleep(1.0)  # the second importer's insert now waits on our row
+        models.database.close()
+
+    thread = threading.Thread(target=first_importer)
+    thread.start()
+    holding.wait(10)
+    results["second"] = commit_all([second])[0]
+    thread.join()
+    outcome = results["second"]
+    assert getattr(outcome, "reason", None) == "conflict", repr(outcome)
+    assert Instance.select().count() == 1

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from peewee import IntegrityError
+from peewee import __exception_wrapper__ as wrap_errors
 
 from .errors import Rejected
 from .names import to_text
@@ -157,8 +158,8 @@ def _insert_many(model, rows: list) -> None:
     names = tuple(rows[0])
     fields = [model._meta.fields[n] for n in names]
     values = [tuple(f.db_value(row[n]) for f, n in zip(fields, names)) for row in rows]
-    cursor = database.cursor()
-    cursor.executemany(_insert_sql(model, names, database.param), values)
+    with wrap_errors:  # the driver's errors as peewee's (an IntegrityError, say)
+        database.cursor().executemany(_insert_sql(model, names, database.param), values)
 
 
 def _select_known(uids: list):
