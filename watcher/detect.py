@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
@@ -83,24 +84,36 @@ class Handler(FileSystemEventHandler):
 
 
 def _pair_moves_by_cookie() -> bool:
-    """Make watchdog's pairing of IN_MOVED_FROM with IN_MOVED_TO cost O(1) per event.
+    """Make watchdog's pairing of IN_MOVED_FROM with IN_MOVED_TO cheap and stall-free.
 
-    watchdog 7 scans its whole queue of pending events, twice, for every file
-    renamed into the tree, looking for the moved-from half with the same cookie:
-    when thousands of files are renamed in at once the queue is thousands long
-    and the observer spends about half a millisecond of CPU per file. Here the
-    pending moved-from events are also kept in a dict by cookie; the queue is
-    scanned only when a pair really exists (a rename inside the drop folder).
-    Events and their order are unchanged. Applied only when watchdog's grouper
-    has the shape this was written against; otherwise watchdog runs as it is.
+    watchdog 7 holds each moved-from event for 0.5 s, waiting for its moved-to
+    half, and (1) scans its whole queue of pending events, twice, for every file
+    renamed into the tree: with thousands of files renamed in at once that is
+    half a millisecond of CPU per file; (2) its reader sleeps out the 0.5 s
+    when a moved-from event is at the head of the queue, even if the moved-to
+    half arrives a microsecond later, so a rename inside the drop folder could
+    wait half a second; and a file moved *out* (to the rejected folder, say)
+    holds up every event behind it for that long.
+
+    Here the pending moved-from events are also kept in a dict by cookie (the
+    queue is scanned only when a pair really exists), the reader waits on the
+    queue's condition instead of sleeping (a pair that arrives wakes it), and
+    an unpaired moved-from is held 50 ms, not 500: the two halves of one rename
+    come from one read of the inotify file descriptor. Events and their order are
+    otherwise unchanged. Applied only when watchdog has the shape this was
+    written against; otherwise watchdog runs as it is.
     """
     try:
         from watchdog.observers import inotify_move_event_grouper as grouper
+        from watchdog.utils.delayed_queue import DelayedQueue
     except ImportError:  # not Linux
         return False
     cls = grouper.InotifyMoveEventGrouper
     needed = ("put_event", "read_event", "get_queued_moved_from_event", "discard_pending_events")
-    if not all(hasattr(cls, name) for name in needed) or not hasattr(grouper, "PathedInotifyEvent"):
+    queue_parts = ("_queue", "_not_empty", "_closed", "delay", "put", "remove", "clear")
+    probe = DelayedQueue(0.1)
+    if (not all(hasattr(cls, name) for name in needed) or not hasattr(grouper, "PathedInotifyEvent")
+            or not all(hasattr(probe, name) for name in queue_parts)):
         return False
 
     def pending(self) -> dict:
@@ -121,7 +134,21 @@ def _pair_moves_by_cookie() -> bool:
         self._queue.put(event, delay=False)
 
     def read_event(self):
-        event = self._queue.get()
+        queue = self._queue
+        with queue._not_empty:
+            while True:
+                if queue._closed:
+                    return None
+                if not queue._queue:
+                    queue._not_empty.wait()
+                    continue
+                event, inserted, delayed = queue._queue[0]
+                left = inserted + queue.delay - time.monotonic() if delayed else 0
+                if left > 0:
+                    queue._not_empty.wait(left)  # a put (its pair, say) wakes us early
+                    continue
+                queue._queue.popleft()
+                break
         if isinstance(event, grouper.PathedInotifyEvent) and event.ev.is_moved_from:
             pending(self).pop(event.ev.cookie, None)  # unpaired: moved out of the tree
         return event
@@ -133,10 +160,12 @@ def _pair_moves_by_cookie() -> bool:
         pending(self).clear()
         self._queue.clear()
 
+    cls.delay = UNPAIRED_MOVE_SECONDS
     cls.put_event, cls.read_event = put_event, read_event
     cls.get_queued_moved_from_event = get_queued_moved_from_event
     cls.discard_pending_events = discard_pending_events
     return True
 
 
+UNPAIRED_MOVE_SECONDS = 0.05
 MOVES_PAIRED_BY_COOKIE = _pair_moves_by_cookie()
