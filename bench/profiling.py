@@ -48,6 +48,10 @@ def summarize_pyspy(raw: Path, top: int = 25) -> str:
         if not stack or not count.isdigit():
             continue
         frames, samples = stack.split(";"), int(count)
+        while frames and frames[0].startswith("process "):  # (--subprocesses) all importers together
+            frames = frames[1:]
+        if not frames:
+            continue
         thread = _thread_name(frames[0]) if frames[0].startswith("thread") else "?"
         per_thread[thread] += samples
         body = frames[1:] if frames[0].startswith("thread") else frames
@@ -96,6 +100,7 @@ def run_profile(corpus: str, paths: list[Path], scratch: Path, settings: Setting
     if pyspy:
         raw = out_dir / "profile.pyspy.txt"
         command = [pyspy, "record", "--rate", str(SAMPLE_RATE), "--idle", "--threads", "--function",
+                   "--subprocesses",  # the importers are processes forked by the service
                    "--format", "raw", "--output", str(raw), "--", *service_command()]
     else:
         raw = out_dir / "profile.pstats"
