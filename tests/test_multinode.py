@@ -188,3 +188,48 @@ def test_same_uid_committed_by_another_connection_meanwhile_is_a_conflict(pg_url
     outcome = results["second"]
     assert getattr(outcome, "reason", None) == "conflict", repr(outcome)
     assert Instance.select().count() == 1
+
+
+def test_importers_inserting_the_same_patients_in_other_orders_do_not_deadlock(pg_url, tmp_path):
+    """One importer's batch holds patient A and wants B while another's holds B and wants A:
+    a deadlock, unless every importer takes its rows in one order."""
+    import threading
+    from dicomfiles import ct
+    from watcher import archive, catalog
+    from watcher.source import Source
+    from watcher.validate import validate
+
+    def record(name, patient):
+        path = write(tmp_path / name, ct(patient_id=patient))
+        with Source(str(path)) as source:
+            info = validate(source)
+            stored = archive.store_original(source, tmp_path / "archive")
+        return catalog.InstanceRecord(info, stored, name, "folder-scanner", "n")
+
+    a1, b1, a2, b2 = (record("a1.dcm", "PA"), record("b1.dcm", "PB"), record("a2.dcm", "PA"),
+                      record("b2.dcm", "PB"))
+    holds_a, errors = threading.Event(), []
+
+    def first():
+        try:
+            with models.write_transaction():
+                catalog.record_instances([a1])  # holds patient A (not committed)
+                holds_a.set()
+                time.sleep(1.0)  # the other importer is now waiting, holding what it took first
+                catalog.record_instances([b1])
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            models.database.close()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holds_a.wait(10)
+    try:
+        with models.write_transaction():
+            catalog.record_instances([b2, a2])  # B first, as it came
+    except Exception as exc:
+        errors.append(exc)
+    thread.join()
+    assert errors == []
+    assert Instance.select().count() == 4

@@ -137,6 +137,11 @@ def _record_batch(records: list) -> list:
                                         f"at {first.imported_at}"))
             results.append("duplicate")
     if rows:
+        # Rows are locked in one order by every importer, so two transactions that insert the
+        # same patients, studies or UIDs wait for each other instead of deadlocking.
+        for r in sorted(rows, key=_parent_order):
+            _series_id(r.info)
+        rows.sort(key=lambda r: r.info.sop_instance_uid)
         _insert_many(Instance, [_instance_row(r, _series_id(r.info), now) for r in rows])
     if events:
         _insert_many(Event, events)
@@ -177,6 +182,12 @@ def _instance_row(r, series_id, now) -> dict:
                 transfer_syntax_uid=r.info.transfer_syntax_uid, sha256=r.stored.sha256,
                 size=r.stored.size, stored_path=r.stored.relpath, creator=r.creator,
                 source=to_text(r.source), node=r.node, imported_at=now)
+
+
+def _parent_order(record) -> tuple:
+    a, info = record.info.attributes, record.info
+    return (a.get("PatientID", ""), a.get("IssuerOfPatientID", ""), info.study_instance_uid,
+            info.series_instance_uid)
 
 
 def _series_id(info) -> int:
