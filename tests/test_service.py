@@ -212,3 +212,16 @@ def test_killing_the_service_kills_its_importers(tmp_path, db_url):
     proc.kill()
     proc.wait()
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), timeout=10)
+
+
+def test_sigterm_to_every_process_at_once_stops_cleanly(tmp_path, db_url):
+    """systemd stops a service by signalling all its processes: no importer is restarted."""
+    cfg_path = write_config_file(tmp_path, db_url, **{"import": {"processes": 2}})
+    log = tmp_path / "service.log"
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True)
+    assert wait_for(lambda: len(_children(proc.pid)) == 2)
+    assert wait_for(lambda: log.read_text().count("watching") == 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "ERROR" not in log.read_text() and "starting it again" not in log.read_text()

@@ -344,6 +344,8 @@ def run(config: Config, stop: threading.Event) -> None:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid in children:
             k = children.pop(pid)
+            if stop.is_set():  # (systemd signals every process of the service at once)
+                break
             restarts[k] += 1
             LOGGER.error("importer %d of %d (pid %d) ended with status %d; starting it again",
                          k + 1, processes, pid, status)
