@@ -62,25 +62,28 @@ def store_original(source, archive_dir: Path, day: datetime.date | None = None) 
 def _store_copy(source, archive_dir: Path, day: datetime.date) -> Stored:
     if source.whole is not None:
         sha = hashlib.sha256(source.whole).hexdigest()
-        final = archive_dir / content_path(sha, day)
+        rel = content_path(sha, day)
+        final = archive_dir / rel
         if _is_stored(final):
-            return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+            return Stored(rel, sha, source.size, False, final.parent)
         tmp, _ = _write_temp(archive_dir, [source.whole])
     else:
         tmp, sha = _write_temp(archive_dir, source.chunks())
-        final = archive_dir / content_path(sha, day)
+        rel = content_path(sha, day)
+        final = archive_dir / rel
         if _is_stored(final):
             os.unlink(tmp)
-            return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+            return Stored(rel, sha, source.size, False, final.parent)
     _place(tmp, final)
-    return Stored(content_path(sha, day), sha, source.size, True, final.parent)
+    return Stored(rel, sha, source.size, True, final.parent)
 
 
 def _store_link(source, archive_dir: Path, day: datetime.date) -> Stored:
     sha = source.sha256()
-    final = archive_dir / content_path(sha, day)
+    rel = content_path(sha, day)
+    final = archive_dir / rel
     if _is_stored(final):
-        return Stored(content_path(sha, day), sha, source.size, False, final.parent)
+        return Stored(rel, sha, source.size, False, final.parent)
     if source.mode & 0o222:
         os.fchmod(source.fd, 0o444)  # from now on only root could open it for writing
     tmp = _temp_name(archive_dir)
@@ -91,7 +94,7 @@ def _store_link(source, archive_dir: Path, day: datetime.date) -> Stored:
         os.unlink(tmp)
         raise
     _place(tmp, final)
-    return Stored(content_path(sha, day), sha, source.size, True, final.parent, linked=True)
+    return Stored(rel, sha, source.size, True, final.parent, linked=True)
 
 
 def _link_inode(fd: int, dest: Path) -> None:

@@ -3,7 +3,8 @@
 This is the part of an import that costs CPU and I/O and needs no database.
 The file stays open (and, when the archive took its inode, under its lease)
 until the caller has committed the row and disposed of the source: only then
-can we tell whether a writer asked for the file meanwhile (``Staged.seal``).
+can we tell whether a writer asked for the file meanwhile, and if one did, the
+archive gets its own copy before the file is let go.
 """
 
 import contextlib
