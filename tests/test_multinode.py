@@ -171,6 +171,7 @@ def test_same_uid_committed_by_another_connection_meanwhile_is_a_conflict(pg_url
     first = record(write(tmp_path / "first.dcm", ds))
     ds.InstitutionName = "edited"
     second = record(write(tmp_path / "second.dcm", ds))
+    other = record(write(tmp_path / "other.dcm"))  # in the same batch as the loser
     holding, results = threading.Event(), {}
 
     def first_importer():
@@ -183,11 +184,12 @@ def test_same_uid_committed_by_another_connection_meanwhile_is_a_conflict(pg_url
     thread = threading.Thread(target=first_importer)
     thread.start()
     holding.wait(10)
-    results["second"] = commit_all([second])[0]
+    results["other"], results["second"] = commit_all([other, second])
     thread.join()
     outcome = results["second"]
     assert getattr(outcome, "reason", None) == "conflict", repr(outcome)
-    assert Instance.select().count() == 1
+    assert results["other"] == "imported"
+    assert Instance.select().count() == 2
 
 
 def test_importers_inserting_the_same_patients_in_other_orders_do_not_deadlock(pg_url, tmp_path):
