@@ -36,6 +36,7 @@ class Backend:
     """One fresh database per service run: ``create()``, the queries, then ``drop()``."""
 
     name = "?"
+    _conn = None  # the benchmark's own connection, opened by ``_query``
 
     def create(self, workdir: Path) -> str:
         """Make an empty database; return the URL for the service's config."""
@@ -56,7 +57,9 @@ class Backend:
             return None
 
     def close(self) -> None:
-        pass
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def server_started(self):
         """When the database server last started (None for SQLite): a change means a restart."""
@@ -105,11 +108,6 @@ class Sqlite(Backend):
                 raise FileNotFoundError(self.path)
             self._conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)
         return self._conn.execute(sql).fetchall()
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
     def drop(self) -> None:
         self.close()
@@ -165,11 +163,6 @@ class Postgres(Backend):
         if self._conn is None:
             self._conn = self._psycopg.connect(self.url(), autocommit=True)
         return self._conn.execute(sql).fetchall()
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
     def drop(self) -> None:
         self.close()
