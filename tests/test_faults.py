@@ -100,10 +100,14 @@ def test_file_unreadable_to_the_service_user_is_rejected_not_lost(tmp_path):
     if not IS_ROOT or not shutil.which("setpriv"):
         pytest.skip("needs root to run the scan as another user")
     os.chmod(tmp_path, 0o777)
-    for parent in tmp_path.parents:
-        if parent == Path("/"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    import watcher
+    # nobody must reach the test folders, the checkout and the venv (a clone in a mktemp -d
+    # folder is 0700): let others through every folder above them
+    for place in (tmp_path, Path(watcher.__file__).parent, Path(sys.prefix)):
+        for parent in place.parents:
+            if parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o011)
     cfg_dir = tmp_path / "svc"
     cfg_dir.mkdir(mode=0o777)
     os.chmod(cfg_dir, 0o777)
