@@ -62,7 +62,7 @@ def wait_for(predicate, timeout=30.0, step=0.02) -> bool:
 def make_config(tmp_path: Path, db_url: str, **overrides):
     """A Config on real folders below tmp_path; overrides as {"watch": {...}, ...}."""
     data = {
-        "watch": {"drop_dir": "drop", "settle_seconds": 0, "incomplete_seconds": 60},
+        "watch": {"drop_dir": "drop", "settle_seconds": 1, "incomplete_seconds": 60},
         "archive": {"dir": "archive", "rejected_dir": "rejected"},
         "database": {"url": db_url},
         "import": {"node": "test-node"},

@@ -17,7 +17,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample_drop"
 
 @pytest.fixture
 def run(tmp_path, db_url):
-    cfg = write_config_file(tmp_path, db_url, watch={"settle_seconds": 0})
+    cfg = write_config_file(tmp_path, db_url, watch={"settle_seconds": 1})
     runner = CliRunner()
 
     def invoke(*args, code=0):

@@ -37,7 +37,7 @@ def small_disk(tmp_path):
 
 def test_full_archive_disk_pauses_keeps_sources_and_resumes(tmp_path, small_disk, caplog):
     cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
-                      watch={"settle_seconds": 0, "rescan_seconds": 1},
+                      watch={"settle_seconds": 1, "rescan_seconds": 1},
                       archive={"dir": str(small_disk / "archive")})
     models.connect(cfg.database.url)
     files = [write(tmp_path / "stage" / f"{i}.dcm", rows=256, columns=256) for i in range(8)]  # 8 x 131 kB
@@ -61,7 +61,7 @@ def test_full_archive_disk_pauses_keeps_sources_and_resumes(tmp_path, small_disk
 
 
 def test_sqlite_locked_by_another_process_is_waited_out(tmp_path):
-    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db", watch={"settle_seconds": 0})
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db", watch={"settle_seconds": 1})
     models.connect(cfg.database.url)
     with Service(cfg):
         locker = subprocess.Popen([sys.executable, "-c", (
@@ -83,7 +83,7 @@ def test_sqlite_locked_by_another_process_is_waited_out(tmp_path):
 
 def test_drop_folder_removed_and_recreated_is_watched_again(tmp_path, caplog):
     cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
-                      watch={"settle_seconds": 0, "rescan_seconds": 0.5})
+                      watch={"settle_seconds": 1, "rescan_seconds": 0.5})
     models.connect(cfg.database.url)
     with Service(cfg):
         write(cfg.watch.drop_dir / "before.dcm")
@@ -112,7 +112,7 @@ def test_file_unreadable_to_the_service_user_is_rejected_not_lost(tmp_path):
     cfg_dir.mkdir(mode=0o777)
     os.chmod(cfg_dir, 0o777)
     from conftest import write_config_file
-    cfg_path = write_config_file(cfg_dir, f"sqlite:///{cfg_dir}/w.db", watch={"settle_seconds": 0})
+    cfg_path = write_config_file(cfg_dir, f"sqlite:///{cfg_dir}/w.db", watch={"settle_seconds": 1})
     drop = cfg_dir / "drop"
     secret = write(drop / "secret.dcm")
     data = secret.read_bytes()

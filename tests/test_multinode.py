@@ -37,7 +37,7 @@ def start_node(config_path: Path, node: str, log: Path) -> subprocess.Popen:
 def node_config(tmp_path, url, node, drop="drop", **watch):
     folder = tmp_path / node
     folder.mkdir(exist_ok=True)
-    cfg = write_config_file(folder, url, watch={"drop_dir": str(tmp_path / drop), "settle_seconds": 0.2,
+    cfg = write_config_file(folder, url, watch={"drop_dir": str(tmp_path / drop), "settle_seconds": 1,
                                                 "rescan_seconds": 1, **watch},
                             archive={"dir": str(tmp_path / "archive"),
                                      "rejected_dir": str(tmp_path / "rejected")},
@@ -162,7 +162,7 @@ def test_same_uid_committed_by_another_connection_meanwhile_is_a_conflict(pg_url
     from watcher.validate import validate
 
     def record(path):
-        with Source(str(path)) as source:
+        with Source(path.parent, path.name, lease=False) as source:
             info = validate(source)
             stored = archive.store_original(source, tmp_path / "archive")
         return catalog.InstanceRecord(info, stored, path.name, "folder-scanner", "n")
@@ -203,7 +203,7 @@ def test_importers_inserting_the_same_patients_in_other_orders_do_not_deadlock(p
 
     def record(name, patient):
         path = write(tmp_path / name, ct(patient_id=patient))
-        with Source(str(path)) as source:
+        with Source(path.parent, path.name, lease=False) as source:
             info = validate(source)
             stored = archive.store_original(source, tmp_path / "archive")
         return catalog.InstanceRecord(info, stored, name, "folder-scanner", "n")

@@ -190,7 +190,7 @@ def test_file_that_vanishes_before_import_is_noted_not_rejected(config):
 def test_file_written_to_while_being_read_is_not_trusted(config):
     from watcher.source import Source
     src = write(config.watch.drop_dir / "growing.dcm")
-    with Source(str(src)) as source:
+    with Source(config.watch.drop_dir, src.name) as source:
         assert not source.changed()
         with open(src, "ab") as f:
             f.write(b"\0\0")
@@ -200,7 +200,7 @@ def test_file_written_to_while_being_read_is_not_trusted(config):
 def test_file_replaced_under_the_same_name_is_not_trusted(config):
     from watcher.source import Source
     src = write(config.watch.drop_dir / "swap.dcm")
-    with Source(str(src)) as source:
+    with Source(config.watch.drop_dir, src.name) as source:
         other = write(config.watch.drop_dir / "other.dcm")
         os.replace(other, src)
         assert source.changed()

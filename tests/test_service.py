@@ -124,7 +124,7 @@ def test_service_heartbeat_is_shown_by_status(service_config):
 
 
 def test_sigterm_exits_zero_promptly_with_nothing_half_done(tmp_path, db_url):
-    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 0, "rescan_seconds": 1})
+    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 1, "rescan_seconds": 1})
     drop = tmp_path / "drop"
     for i in range(200):
         write(drop / f"{i}.dcm", rows=2, columns=2)
@@ -171,7 +171,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_importer_processes_share_the_work_and_one_that_dies_is_replaced(tmp_path, db_url):
-    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 0, "rescan_seconds": 1},
+    cfg_path = write_config_file(tmp_path, db_url, watch={"settle_seconds": 1, "rescan_seconds": 1},
                                  **{"import": {"processes": 2, "workers": 2}})
     drop = tmp_path / "drop"
     for i in range(300):

@@ -16,7 +16,7 @@ from watcher.validate import DICOMDIR_CLASS, is_valid_uid, validate
 
 
 def check(path):
-    with Source(str(path)) as source:
+    with Source(path.parent, path.name, lease=False) as source:
         return validate(source)
 
 

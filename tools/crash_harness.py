@@ -419,8 +419,8 @@ def watcher_version() -> str:
 def write_config(workdir: Path, url: str) -> Path:
     path = workdir / "watcher.toml"
     path.write_text(
-        '[watch]\ndrop_dir = "drop"\nsettle_seconds = 0.5\nrescan_seconds = 1\n'
-        'incomplete_seconds = 5\n\n'
+        '[watch]\ndrop_dir = "drop"\nsettle_seconds = 1\nrescan_seconds = 1\n'
+        'incomplete_seconds = 60\n\n'
         '[archive]\ndir = "archive"\nrejected_dir = "rejected"\n\n'
         f'[database]\nurl = {json.dumps(url)}\n\n'
         '[import]\nworkers = 2\nnode = "crash"\n')

@@ -10,16 +10,16 @@ Order: write a temporary file in ``<archive>/.tmp``, fsync it, rename it to its
 final name; the caller fsyncs the folder (``Stored.folder``) before any
 database row may point at it.
 
-Zero copy: an original held under a read lease (watcher/source.py) on the
-archive's file system is not copied but linked: the archive takes the very
-inode, made read-only, and the source's name is removed after the commit as
-usual. The lease proves nobody could write to it meanwhile; if someone asks
-to, the archive gets its own copy before we let go (``unshare``). An archive
-file is trusted as already stored only when it has no other name.
+The archive always holds its own copy, written by us and made read-only: no
+other program has a descriptor on it, so its bytes can never change after
+they were hashed, whatever stalls the commit (a lock held for minutes,
+SIGSTOP, a slow disk). The source's inode is never shared with the archive.
 """
 
+import contextlib
 import datetime
 import errno
+import fcntl
 import hashlib
 import os
 import socket
@@ -29,6 +29,8 @@ from pathlib import Path
 from .errors import Unavailable
 
 TMP = ".tmp"
+LOCK, TURNSTILE = ".lock", ".turnstile"  # see storing() and repairing()
+LOCKS = (LOCK, TURNSTILE, ".rejecting")  # kernel locks' files (watcher/dispose.py has the last)
 FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
@@ -39,7 +41,6 @@ class Stored:
     size: int
     created: bool  # False when these bytes were already there
     folder: Path  # fsync this before a row points at the file
-    linked: bool = False  # the archive holds the source's own inode (no bytes copied)
 
 
 def content_path(sha256: str, day: datetime.date) -> str:
@@ -50,8 +51,6 @@ def store_original(source, archive_dir: Path, day: datetime.date | None = None) 
     """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced."""
     day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
-        if source.leased and _device_of(archive_dir) == source.device:
-            return _store_link(source, archive_dir, day)
         return _store_copy(source, archive_dir, day)
     except OSError as exc:
         if exc.errno in FULL_DISK:
@@ -78,55 +77,52 @@ def _store_copy(source, archive_dir: Path, day: datetime.date) -> Stored:
     return Stored(rel, sha, source.size, True, final.parent)
 
 
-def _store_link(source, archive_dir: Path, day: datetime.date) -> Stored:
-    sha = source.sha256()
-    rel = content_path(sha, day)
-    final = archive_dir / rel
-    if _is_stored(final):
-        return Stored(rel, sha, source.size, False, final.parent)
-    if source.mode & 0o222:
-        os.fchmod(source.fd, 0o444)  # from now on only root could open it for writing
-    tmp = _temp_name(archive_dir)
-    _link_inode(source.fd, tmp)
+def _lock_file(archive_dir: Path, name: str) -> int:
     try:
-        os.fsync(source.fd)  # its bytes and its new link count
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _place(tmp, final)
-    return Stored(rel, sha, source.size, True, final.parent, linked=True)
-
-
-def _link_inode(fd: int, dest: Path) -> None:
-    """A new name for the inode we hold open, whatever the old name points at by now.
-
-    linkat(2) follows /proc/self/fd/N only with AT_SYMLINK_FOLLOW, which os.link
-    passes only when given a folder descriptor.
-    """
-    folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(f"/proc/self/fd/{fd}", dest.name, dst_dir_fd=folder, follow_symlinks=True)
-    finally:
-        os.close(folder)
-
-
-def unshare(source, archive_dir: Path, stored: Stored) -> None:
-    """Give a linked original its own copy: someone is waiting to write to the source's inode."""
-    tmp, _ = _write_temp(archive_dir, source.chunks())
-    os.rename(tmp, archive_dir / stored.relpath)
-    fsync_dir(stored.folder)
-
-
-def _device_of(folder: Path) -> int:
-    try:
-        return os.stat(folder).st_dev
+        return os.open(archive_dir / name, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
     except FileNotFoundError:
-        folder.mkdir(parents=True, exist_ok=True)
-        return os.stat(folder).st_dev
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(archive_dir / name, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
+
+
+@contextlib.contextmanager
+def storing(archive_dir: Path):
+    """Held (shared) by an import from before it stores until its rows are committed.
+
+    Imports hold it together; ``repairing`` holds it alone, so a repair never sees
+    a stored original whose row is still on its way (it would look like an orphan).
+    Kernel locks (flock): a killed process holds nothing. The turnstile makes new
+    imports wait while a repair waits, so the repair is not starved.
+    """
+    turnstile, lock = _lock_file(archive_dir, TURNSTILE), _lock_file(archive_dir, LOCK)
+    try:
+        fcntl.flock(turnstile, fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        os.close(turnstile)
+        turnstile = -1
+        yield
+    finally:
+        if turnstile >= 0:
+            os.close(turnstile)
+        os.close(lock)
+
+
+@contextlib.contextmanager
+def repairing(archive_dir: Path):
+    """No import is between storing an original and committing its row while this is held."""
+    turnstile, lock = _lock_file(archive_dir, TURNSTILE), _lock_file(archive_dir, LOCK)
+    try:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+        os.close(turnstile)
 
 
 def _is_stored(final: Path) -> bool:
-    """These bytes are stored already, in a file nothing else can change (it has no other name)."""
+    """These bytes are stored already, in a file nothing else can change (it has no other name:
+    an earlier version of this program linked sources into the archive)."""
     try:
         return os.stat(final).st_nlink == 1
     except FileNotFoundError:

@@ -256,22 +256,33 @@ def record_event(outcome, source, node, sop_instance_uid=None, sha256=None, reas
     Event.insert(**_event(outcome, source, node, sop_instance_uid, sha256, reason, detail)).execute()
 
 
-def record_rejection(source, reason, detail, path, sha256, size, node) -> None:
-    """Say where a rejected file will lie, before it is moved there.
+def record_rejection(source, reason, detail, path, sha256, size, node) -> tuple[int, int]:
+    """Say where a rejected file will lie, before it is moved there; (row id, history id).
 
     Keyed by that path: if we crash before the move, the next attempt picks
     the same free path and overwrites this row instead of adding another.
     """
     with write_transaction():
         Rejection.delete().where(Rejection.path == to_text(path)).execute()
-        Rejection.insert(source=to_text(source), reason=reason, detail=detail, path=to_text(path),
-                         sha256=sha256, size=size, node=node).execute()
-        record_event("rejected", source, node, sha256=sha256, reason=reason, detail=detail)
+        row = Rejection.insert(source=to_text(source), reason=reason, detail=detail, path=to_text(path),
+                               sha256=sha256, size=size, node=node).execute()
+        event = Event.insert(**_event("rejected", source, node, sha256=sha256, reason=reason,
+                                      detail=detail)).execute()
+    return row, event
 
 
-def forget_rejection(path) -> None:
-    """The move to ``path`` failed: the file is still in the drop folder, so no rejection row."""
-    Rejection.delete().where(Rejection.path == to_text(path)).execute()
+def move_rejection(row: int, path) -> None:
+    """The name the row said was taken meanwhile: the file goes to ``path`` instead."""
+    with write_transaction():
+        Rejection.delete().where((Rejection.path == to_text(path)) & (Rejection.id != row)).execute()
+        Rejection.update(path=to_text(path)).where(Rejection.id == row).execute()
+
+
+def forget_rejection(row: int, event: int) -> None:
+    """The move failed: the file is still in the drop folder, so no rejection, and no history line."""
+    with write_transaction():
+        Rejection.delete().where(Rejection.id == row).execute()
+        Event.delete().where(Event.id == event).execute()
 
 
 def is_referenced(stored_path: str) -> bool:

@@ -1,5 +1,6 @@
 """dicom-watcher: thin commands that parse, open, call one function and print."""
 
+import contextlib
 import json
 import logging
 import sys
@@ -7,14 +8,31 @@ from pathlib import Path
 
 import click
 
-from . import models, report, retrieve
+from . import models, report, retrieve, runlock
 from . import verify as verifying
-from .config import from_env_or
+from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Unavailable
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="TOML config file (default: $WATCHER_CONFIG).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+create_option = click.option("--create-drop-dir", "create", is_flag=True,
+                             help="Create watch.drop_dir if it does not exist (else that is an error).")
+
+
+@contextlib.contextmanager
+def _importing(config, what: str, create: bool):
+    """The checks and the lock every command that imports needs; exits with a message."""
+    try:
+        check_drop_dir(config, create)
+        lock = runlock.hold(config.database.url, config.import_.node, what)
+        lock.__enter__()
+    except (ConfigError, runlock.AlreadyRunning) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _open(config_path):
@@ -54,28 +72,39 @@ def cli(verbose, quiet):
 @click.option("--final", is_flag=True,
               help="The folder is at rest: reject incomplete files once settled, "
                    "instead of leaving them pending for incomplete_seconds.")
-def scan(config_path, final):
+@create_option
+def scan(config_path, final, create):
     """Process everything in the drop folder now, then exit.
 
-    Example: dicom-watcher scan --config etc/watcher.toml
+    Refused while a service (or another scan) imports into the same database.
+    Exits 1 when a file's outcome was recorded but it could not be removed or moved
+    (each is named). Example: dicom-watcher scan --config etc/watcher.toml
     """
     from .sweep import sweep
     config = _open(config_path)
-    try:
-        counts = sweep(config, final=final)
-    except Unavailable as exc:
-        raise click.ClickException(f"stopped, files left in place: {exc}") from None
+    with _importing(config, "scan", create):
+        try:
+            counts = sweep(config, final=final)
+        except Unavailable as exc:
+            raise click.ClickException(f"stopped, files left in place: {exc}") from None
     click.echo("imported {imported}, duplicates {duplicate}, dicomdir {dicomdir}, rejected "
                "{rejected}, pending {pending}".format(**{k: counts.get(k, 0) for k in (
                    "imported", "duplicate", "dicomdir", "rejected", "pending")}))
+    stuck = counts["undisposed"]
+    if stuck:
+        for source, error in sorted(stuck.items()):
+            click.echo(f"  left in the drop folder: {source}: {error}", err=True)
+        raise click.ClickException(f"{len(stuck)} files could not be removed or moved (listed above)")
 
 
 @cli.command()
 @config_option
-def run(config_path):
+@create_option
+def run(config_path, create):
     """Run the service: watch the drop folder and import files as they complete.
 
-    Stops cleanly on SIGTERM or SIGINT. Example: dicom-watcher run --config etc/watcher.toml
+    Stops cleanly on SIGTERM or SIGINT. A second service on the same database (or the
+    same node name on PostgreSQL) is refused. Example: dicom-watcher run --config etc/watcher.toml
     """
     import signal
     import threading
@@ -85,8 +114,8 @@ def run(config_path):
         signal.signal(signum, lambda *_: stop.set())
     from .service import run as run_service
     config = _open(config_path)
-    config.watch.drop_dir.mkdir(parents=True, exist_ok=True)
-    run_service(config, stop)
+    with _importing(config, "run", create):
+        run_service(config, stop)
 
 
 @cli.command()
@@ -180,7 +209,7 @@ def history(config_path, as_json, limit):
 @config_option
 @json_option
 @click.option("--repair", is_flag=True,
-              help="Remove orphan and temporary files older than an hour.")
+              help="Remove orphan and temporary files (never one an import in progress will use).")
 def verify(config_path, as_json, repair):
     """Re-hash every stored original; report missing, mismatched and orphan files.
 
@@ -226,7 +255,10 @@ def export(config_path, uid, dest):
     Example: dicom-watcher export 1.2.826.0.1.3680043.8.498.1 /tmp/out
     """
     config = _open(config_path)
-    written = retrieve.export(config, uid, dest)
+    try:
+        written = retrieve.export(config, uid, dest)
+    except retrieve.ExportError as exc:
+        raise click.ClickException(str(exc)) from None
     if not written:
         raise click.ClickException(f"nothing matches {uid!r}")
     click.echo(f"{len(written)} files copied to {dest}")

@@ -122,15 +122,23 @@ def _convert(key, f, value, base):
     return value
 
 
+# Below these, files still being written are taken for finished ones: a copy that pauses
+# between two writes (settle), a writer that stalls mid-file (incomplete).
+MIN_SETTLE_SECONDS = 1.0
+MIN_INCOMPLETE_SECONDS = 60.0
+
+
 def _check(config: Config) -> None:
     w, a, i = config.watch, config.archive, config.import_
-    for key, value in (("watch.settle_seconds", w.settle_seconds),
-                       ("watch.incomplete_seconds", w.incomplete_seconds),
-                       ("watch.rescan_seconds", w.rescan_seconds)):
-        if value < 0:
-            raise ConfigError(f"{key} must not be negative")
-    if w.incomplete_seconds < w.settle_seconds:
-        raise ConfigError("watch.incomplete_seconds must be at least watch.settle_seconds")
+    if w.settle_seconds < MIN_SETTLE_SECONDS:
+        raise ConfigError(f"watch.settle_seconds must be at least {MIN_SETTLE_SECONDS:g}: a copy "
+                          "that pauses between two writes would be taken for a finished file")
+    if w.incomplete_seconds < max(MIN_INCOMPLETE_SECONDS, w.settle_seconds):
+        raise ConfigError(f"watch.incomplete_seconds must be at least {MIN_INCOMPLETE_SECONDS:g} "
+                          "(and at least watch.settle_seconds): a writer that stalls would have "
+                          "its file rejected as truncated")
+    if w.rescan_seconds <= 0:
+        raise ConfigError("watch.rescan_seconds must be positive")
     if a.on_success not in ("delete", "move"):
         raise ConfigError('archive.on_success must be "delete" or "move"')
     if a.on_success == "move" and a.done_dir is None:
@@ -149,11 +157,52 @@ def _check(config: Config) -> None:
     scheme = config.database.url.split(":", 1)[0]
     if scheme not in ("sqlite", "postgresql", "postgres", "psycopg3"):
         raise ConfigError(f"database.url scheme {scheme!r}: use sqlite:/// or postgresql://")
-    inside = [(n, p) for n, p in (("archive.dir", a.dir), ("archive.rejected_dir", a.rejected_dir),
-                                  ("archive.done_dir", a.done_dir)) if p is not None
-              and (p == w.drop_dir or w.drop_dir in p.parents or p in w.drop_dir.parents)]
-    if inside:
-        raise ConfigError(f"{inside[0][0]} must lie outside watch.drop_dir (and not contain it)")
+    _check_folders(config)
+
+
+def _overlap(p: Path, q: Path) -> bool:
+    return p == q or q in p.parents or p in q.parents
+
+
+def _check_folders(config: Config) -> None:
+    """Folders that would make the service import, delete or hide its own data are refused.
+
+    The drop folder is emptied by the scanner; ``verify --repair`` deletes what in the
+    archive no row references; so none of our folders, and neither the SQLite file nor
+    this config file, may lie inside another one's reach.
+    """
+    w, a = config.watch, config.archive
+    folders = [("watch.drop_dir", w.drop_dir), ("archive.dir", a.dir),
+               ("archive.rejected_dir", a.rejected_dir)]
+    if a.done_dir is not None:
+        folders.append(("archive.done_dir", a.done_dir))
+    for n, (key, path) in enumerate(folders):
+        for other_key, other in folders[n + 1:]:
+            if _overlap(path, other):
+                raise ConfigError(f"{other_key} ({other}) and {key} ({path}) must be separate "
+                                  "folders, neither inside the other")
+    files = [("the config file", config.path)]
+    url = config.database.url
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        files.append(("the SQLite file of database.url", Path(url[len("sqlite:///"):]).resolve()))
+    for what, path in files:
+        if path is None:
+            continue
+        for key, folder in folders:
+            if folder in path.parents:
+                raise ConfigError(f"{what} ({path}) must not lie inside {key} ({folder})")
+
+
+def check_drop_dir(config: Config, create: bool = False) -> None:
+    """The drop folder must exist: a misspelt path would be watched while the real folder fills
+    up. Creating it is something a person asks for (``--create-drop-dir``)."""
+    drop = config.watch.drop_dir
+    if create:
+        drop.mkdir(parents=True, exist_ok=True)
+    elif not drop.is_dir():
+        where = f" (set in {config.path})" if config.path else ""
+        raise ConfigError(f"watch.drop_dir {drop} does not exist{where}; check the path, or "
+                          "create it (mkdir, or pass --create-drop-dir)")
 
 
 def from_env_or(path: str | None) -> Config:

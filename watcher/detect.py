@@ -7,11 +7,15 @@ import functools
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
 from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
                              FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
+
+from . import beneath
+from .dispose import PRIVATE
 
 LOGGER = logging.getLogger(__name__)
 
@@ -25,32 +29,40 @@ def is_ignored(name: str, patterns) -> bool:
     return _matcher(tuple(patterns))(name) is not None
 
 
-def scan(drop_dir: Path, ignore=()):
-    """Yield (path, lstat) for every file below ``drop_dir``, links and FIFOs included.
+def scan(drop_dir: Path, ignore=(), under: str = ""):
+    """Yield (path, lstat) for every file below ``drop_dir`` (or its sub-folder ``under``),
+    links and FIFOs included.
 
-    Folders are entered but never through a link; ignored names (files or
-    folders) are skipped.
+    Each folder is opened from its parent's descriptor without following links
+    (watcher/beneath.py): a sub-folder swapped for a link is never listed. Ignored
+    names (files or folders) and our own captures (``.dw~…``) are skipped.
     """
-    stack = [str(drop_dir)]
+    drop_dir = Path(drop_dir)
+    stack = [under]
     while stack:
-        folder = stack.pop()
+        rel = stack.pop()
+        found = []
         try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError):
+            with beneath.folder(drop_dir, rel) as fd, os.scandir(fd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(PRIVATE) or is_ignored(name, ignore):
+                        continue
+                    try:
+                        found.append((name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError, beneath.Outside):
             continue
         except PermissionError as exc:
-            LOGGER.warning("cannot list %s: %s", folder, exc.strerror)
+            LOGGER.warning("cannot list %s: %s", drop_dir / rel, exc.strerror)
             continue
-        for entry in entries:
-            if is_ignored(entry.name, ignore):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                else:
-                    yield Path(entry.path), entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+        for name, st in found:
+            child = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(child)
+            else:
+                yield drop_dir / child, st
 
 
 def events(poll: bool) -> list:

@@ -22,7 +22,6 @@ class Rejected(Exception):
 class NotReady(Exception):
     """The file is not complete (yet): leave it where it is and look again later.
 
-
     ``reason`` is what the file is rejected as if it stays like this for
     ``incomplete_seconds``.
     """
@@ -31,6 +30,21 @@ class NotReady(Exception):
         super().__init__(detail)
         self.detail = detail
         self.reason = reason
+
+
+class Busy(NotReady):
+    """A writer still has the file open (the kernel refused a read lease): wait for it.
+
+    Never turned into a rejection, however long it lasts: rejecting a file that is
+    still being written would take it away from its writer."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail, reason="truncated")
+
+
+class CannotDispose(Exception):
+    """The file's outcome is recorded but it cannot be removed or moved (a folder that
+    cannot be written, say): it stays where it is and is tried again on a slow schedule."""
 
 
 class Unavailable(Exception):

@@ -8,21 +8,22 @@ stops the caller without touching the file, and anything else is retried a
 few times before the file is rejected as ``error``.
 """
 
+import dataclasses
 import errno
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import peewee
 
-from . import archive, catalog, claims, dispose, stage
+from . import archive, beneath, catalog, claims, dispose, stage
 from .commit import commit_all, commit_now
 from .config import Config
-from .errors import NotReady, Rejected, Unavailable
+from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
 from .names import to_text
+from .source import Source
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class Outcome:
     reason: str | None = None
     detail: str = ""
     ms: float = 0.0
+    undisposed: str = ""  # recorded, but the file could not be removed or moved: the error
+    again: bool = False  # the name now holds another version (or a writer waits): look again
 
 
 def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
@@ -48,7 +51,11 @@ def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
     ``commit``: writes its instance record durably and returns "imported" or "duplicate"
     (``commit_now``); ``ingest_together`` commits many files' records at once instead.
     """
-    steps = ingesting(path, config, final, attempt)
+    with archive.storing(config.archive.dir):
+        return _ingest_one(ingesting(path, config, final, attempt), commit)
+
+
+def _ingest_one(steps, commit) -> Outcome:
     try:
         record = next(steps)
         while True:  # (once: a file has one record)
@@ -68,6 +75,11 @@ def ingest_together(files: list, config: Config) -> list:
     ``files``: (path, final, attempt) tuples. Returns, in order, each file's Outcome, or the
     ``Unavailable`` that stopped it.
     """
+    with archive.storing(config.archive.dir):  # no repair runs between a store and its commit
+        return _together(files, config)
+
+
+def _together(files: list, config: Config) -> list:
     results: list = [None] * len(files)
     waiting: list = []  # (index, steps, record): stored, waiting for the commit
     for i, (path, final, attempt) in enumerate(files):
@@ -109,13 +121,15 @@ def ingesting(path: Path, config: Config, final: bool = False, attempt: int = 1)
     try:
         with claims.claim(path, config.import_.node, config.import_.claim_seconds) as held:
             if held:
-                outcome = yield from _decide(Path(path), rel, config, final, attempt)
+                outcome = yield from _decide(rel, config, final, attempt)
             else:
                 outcome = Outcome("claimed", rel, detail="another node is importing it")
+    except CannotDispose as exc:
+        outcome = Outcome("pending", rel, detail=str(exc), undisposed=str(exc))
     except Exception as exc:  # the decision itself could not be carried out
         if _is_unavailable(exc):
             raise Unavailable(str(exc)) from exc
-        if not os.path.lexists(path):
+        if not beneath.lexists(config.watch.drop_dir, rel):
             outcome = Outcome("vanished", rel, detail="removed by someone else before it was imported")
         else:
             LOGGER.warning("retry %s: %s: %s", to_text(rel), type(exc).__name__, exc, exc_info=attempt == 1)
@@ -125,46 +139,87 @@ def ingesting(path: Path, config: Config, final: bool = False, attempt: int = 1)
     return outcome
 
 
-def _decide(path: Path, rel: str, config: Config, final: bool, attempt: int):
+def _decide(rel: str, config: Config, final: bool, attempt: int):
     try:
-        return (yield from _ingest(path, rel, config))
-    except Rejected as exc:
-        return _reject(path, rel, exc.reason, exc.detail, config)
-    except NotReady as exc:
-        if not final:
-            return Outcome("pending", rel, detail=exc.detail)
-        detail = f"{exc.detail}; it has not changed since"
-        return _reject(path, rel, exc.reason, detail, config)
-    except Exception as exc:
-        if _is_unavailable(exc) or not os.path.lexists(path) or attempt < config.import_.attempts:
-            raise
-        LOGGER.error("giving up on %s after %d attempts", to_text(rel), attempt, exc_info=True)
-        detail = f"{type(exc).__name__}: {exc} (failed {attempt} times; see the log)"
-        return _reject(path, rel, "error", detail, config)
-
-
-def _ingest(path: Path, rel: str, config: Config):
-    node, creator = config.import_.node, config.import_.creator
-    link = config.archive.on_success == "delete"  # the source's name goes: the archive may keep its inode
-    with stage.prepare(str(path), config.archive.dir, link) as staged:
-        info, stored = staged.info, staged.stored
+        source = Source(config.watch.drop_dir, rel)
+    except Busy as exc:
+        return Outcome("pending", rel, detail=exc.detail)
+    except Rejected as exc:  # a link, a FIFO, a file we may not read: moved as it is
+        return _reject(None, rel, exc.reason, exc.detail, config)
+    except (FileNotFoundError, beneath.Outside):
+        return Outcome("vanished", rel, detail="removed, or its folder replaced, before it was imported")
+    with source:
         try:
-            if staged.changed:
-                raise NotReady("the file changed while it was being imported")
-            if info.is_dicomdir:
-                catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
-                                     detail="a DICOMDIR: the index of a disc, not an instance")
-                outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
-            else:
-                result = yield catalog.InstanceRecord(info, stored, rel, creator, node)
-                outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
-        except (Rejected, NotReady):
-            _discard(stored, config)
-            raise
-        if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
-            _discard(stored, config)
-        dispose.remove_source(path, rel, config.archive.on_success, config.archive.done_dir)
+            return (yield from _ingest(source, rel, config))
+        except Rejected as exc:
+            return _reject(source, rel, exc.reason, exc.detail, config)
+        except NotReady as exc:
+            if not final or isinstance(exc, Busy):
+                return Outcome("pending", rel, detail=exc.detail)
+            detail = f"{exc.detail}; it has not changed since"
+            return _reject(source, rel, exc.reason, detail, config)
+        except Exception as exc:
+            if (_is_unavailable(exc) or isinstance(exc, CannotDispose)
+                    or not beneath.lexists(config.watch.drop_dir, rel) or attempt < config.import_.attempts):
+                raise
+            LOGGER.error("giving up on %s after %d attempts", to_text(rel), attempt, exc_info=True)
+            detail = f"{type(exc).__name__}: {exc} (failed {attempt} times; see the log)"
+            return _reject(source, rel, "error", detail, config)
+
+
+def _ingest(source: Source, rel: str, config: Config):
+    node, creator = config.import_.node, config.import_.creator
+    staged = stage.prepare(source, config.archive.dir)
+    info, stored = staged.info, staged.stored
+    try:
+        if staged.changed:
+            raise Busy("the file changed while it was being imported: looking again when it is quiet")
+        if info.is_dicomdir:
+            catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
+                                 detail="a DICOMDIR: the index of a disc, not an instance")
+            outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
+        else:
+            result = yield catalog.InstanceRecord(info, stored, rel, creator, node)
+            outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
+    except (Rejected, NotReady):
+        _discard(stored, config)
+        raise
+    if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
+        _discard(stored, config)
+    return _dispose(source, rel, outcome, config)
+
+
+def _dispose(source: Source, rel: str, outcome: Outcome, config: Config) -> Outcome:
+    """Remove (or move to done_dir) the version we recorded, and only that version."""
+    a, drop = config.archive, config.watch.drop_dir
+    try:
+        if a.on_success == "move":
+            dispose.transfer(drop, rel, a.done_dir, source)
+            gone = True
+        else:
+            gone = dispose.remove(drop, rel, source)
+    except (FileNotFoundError, beneath.Outside):
+        return outcome  # moved away by someone after we read it: nothing of ours is left there
+    except OSError as exc:
+        error = f"cannot {'move' if a.on_success == 'move' else 'remove'} it: {exc.strerror or exc}"
+        return dataclasses.replace(outcome, undisposed=error)
+    if not gone:
+        return dataclasses.replace(outcome, again=True, detail=(
+            "another version took its name (or a writer waits for it): that one is looked at next"))
     return outcome
+
+
+def dispose_recorded(path: Path, config: Config, outcome: Outcome) -> Outcome:
+    """Try again to remove (or move) a file whose outcome is recorded already."""
+    rel = os.path.relpath(path, config.watch.drop_dir)
+    clean = dataclasses.replace(outcome, undisposed="", again=False)
+    try:
+        with Source(config.watch.drop_dir, rel) as source:
+            return _dispose(source, rel, clean, config)
+    except Busy:
+        return dataclasses.replace(clean, again=True)
+    except (FileNotFoundError, beneath.Outside, Rejected):
+        return clean
 
 
 def _discard(stored, config: Config) -> None:
@@ -173,29 +228,39 @@ def _discard(stored, config: Config) -> None:
         archive.remove(config.archive.dir, stored)
 
 
-def _reject(path, rel: str, reason: str, detail: str, config: Config) -> Outcome:
-    """Record the rejection, then move the file to the rejected folder; never delete it."""
-    sha256, size = _fingerprint(path)
-    dest = dispose.free_path(config.archive.rejected_dir, rel)
-    catalog.record_rejection(rel, reason, detail, dest, sha256, size, config.import_.node)
+def _reject(source: Source | None, rel: str, reason: str, detail: str, config: Config) -> Outcome:
+    """Record the rejection, then move the file to the rejected folder; never delete it.
+
+    The row names the free path the file is about to take; if that name is taken
+    meanwhile, the row follows the file to the next one. If the move fails, the
+    row and its history line go again and the file stays where it is.
+    """
+    sha256, size = (source.sha256(), source.size) if source is not None else (None, None)
+    rejected_dir, node = config.archive.rejected_dir, config.import_.node
+    ids = []
+
+    def before(dest_rel: str) -> None:
+        dest = rejected_dir / dest_rel
+        if ids:
+            catalog.move_rejection(ids[0], dest)
+        else:
+            ids.extend(catalog.record_rejection(rel, reason, detail, dest, sha256, size, node))
+
     try:
-        dispose.move(Path(path), dest)
-    except OSError:
-        if not os.path.lexists(dest):  # (if it is there, another node moved it: its row stays)
-            catalog.forget_rejection(dest)
-        raise
+        with dispose.one_at_a_time(config.archive.dir):
+            dispose.transfer(config.watch.drop_dir, rel, rejected_dir, source, before)
+    except (FileNotFoundError, beneath.Outside):
+        if ids:
+            catalog.forget_rejection(*ids)
+        return Outcome("vanished", rel, detail="moved away by someone else before it was rejected")
+    except OSError as exc:
+        if ids:
+            catalog.forget_rejection(*ids)
+        if _is_unavailable(exc):
+            raise
+        raise CannotDispose(f"rejected as {reason}, but cannot move it to {rejected_dir}: "
+                            f"{exc.strerror or exc}") from exc
     return Outcome("rejected", rel, sha256=sha256, reason=reason, detail=detail)
-
-
-def _fingerprint(path):
-    """sha256 and size of a regular file we can read; (None, None) otherwise."""
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None, None
-        return archive.sha256_of(path), st.st_size
-    except OSError:
-        return None, None
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -209,8 +274,7 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 def _timed(outcome: Outcome, started: float) -> Outcome:
     ms = (time.monotonic() - started) * 1000
-    return Outcome(outcome.outcome, to_text(outcome.source), outcome.sop_instance_uid, outcome.sha256,
-                   outcome.reason, outcome.detail, round(ms, 1))
+    return dataclasses.replace(outcome, source=to_text(outcome.source), ms=round(ms, 1))
 
 
 def _log(o: Outcome) -> None:

@@ -29,10 +29,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import archive, claims, detect, dispose, models, settle
+from . import archive, beneath, claims, detect, dispose, models, settle
 from .config import Config
 from .errors import Unavailable
-from .pipeline import ingest_together
+from .pipeline import dispose_recorded, ingest_together
 from .schedule import Schedule
 
 LOGGER = logging.getLogger(__name__)
@@ -42,18 +42,28 @@ MAX_PAUSE = 30.0
 MAX_QUEUED = 10_000  # paths queued at once; a larger backlog is rescanned in slices
 CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is gone by then, usually)
 BATCH = 64  # files a worker takes at once, when that many are due: one commit for all
+DISPOSE_RETRY_SECONDS = 60.0  # a file that cannot be removed or moved: look again this often
 
 
 class Service:
-    def __init__(self, config: Config, clock=time.time, shard: tuple[int, int] = (0, 1)):
-        """``shard`` (k, n): this service takes the paths whose hash is k modulo n."""
+    def __init__(self, config: Config, clock=time.time, shard: tuple[int, int] = (0, 1),
+                 monotonic=time.monotonic):
+        """``shard`` (k, n): this service takes the paths whose hash is k modulo n.
+
+        ``clock`` (wall time) is compared with file timestamps; ``monotonic`` orders the
+        schedule, so a clock that jumps moves no file's turn.
+        """
         self.config = config
         self.clock = clock
+        self.monotonic = monotonic
         self.shard = shard
         node = config.import_.node
         self.node = node if shard[0] == 0 else f"{node}#{shard[0]}"
-        self.schedule = Schedule(clock)
-        self.done_at: dict = {}  # path -> when a writer closed it or it was renamed in
+        self.schedule = Schedule(monotonic)
+        self.observed = settle.Observed(monotonic)
+        self.done_at: dict = {}  # path -> when (wall) a writer closed it or it was renamed in
+        self.undisposed: dict = {}  # path -> (signature, Outcome): recorded, not yet removed
+        self.warned: dict = {}  # path -> the disposal error already logged for it
         self.attempts = collections.Counter()
         self.counts = collections.Counter()
         self.stopping = threading.Event()
@@ -70,6 +80,9 @@ class Service:
     def start(self) -> "Service":
         claims.release_stale(self.config.import_.node)
         archive.remove_stale_temporaries(self.config.archive.dir)
+        if self.shard[0] == 0:
+            for rel in dispose.recover(self.config.watch.drop_dir):
+                LOGGER.warning("put back %s (its removal was cut short by a crash)", rel)
         self.rescan()
         self._start_observer()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -117,11 +130,11 @@ class Service:
             return
         rel = os.path.relpath(path, self.config.watch.drop_dir)
         if rel.startswith("..") or any(detect.is_ignored(part, self.config.watch.ignore)
-                                       for part in rel.split(os.sep)):
+                                       or part.startswith(dispose.PRIVATE) for part in rel.split(os.sep)):
             return
-        now = self.clock()
+        now = self.monotonic()
         if done:
-            self.done_at[path] = now
+            self.done_at[path] = self.clock()
         self.schedule.put(path, now if done else now + self.config.watch.settle_seconds)
 
     def rescan(self) -> None:
@@ -144,7 +157,7 @@ class Service:
             LOGGER.warning("the drop folder %s is back", drop)
             self._restart_observer()
         self._drop_identity = identity
-        now = self.clock()
+        now = self.monotonic()
         self._more_to_scan = False
         for path, _ in detect.scan(drop, self.config.watch.ignore):
             if not self._mine(str(path)):
@@ -154,15 +167,21 @@ class Service:
                 break
             self.schedule.put(str(path), now)
         if self.shard[0] == 0:  # one service of a node is enough for that
-            dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds), now)
+            dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds),
+                                     self.clock())
         self.last_rescan = models.utcnow()
 
     def look_into(self, folder: str) -> None:
         """A folder appeared: queue what it holds (files copied in before we watched it),
         each when it will have settled."""
-        for path, st in detect.scan(folder, self.config.watch.ignore):
+        wall, now = self.clock(), self.monotonic()
+        drop = self.config.watch.drop_dir
+        rel = os.path.relpath(folder, drop)
+        if rel.startswith(".."):
+            return
+        for path, st in detect.scan(drop, self.config.watch.ignore, under="" if rel == "." else rel):
             if self._mine(str(path)):
-                self.schedule.put(str(path), settle.last_change(st) + self.config.watch.settle_seconds)
+                self.schedule.put(str(path), now + settle.wait_seconds(st, wall, self.config.watch.settle_seconds))
 
     def _mine(self, path: str) -> bool:
         k, n = self.shard
@@ -216,31 +235,34 @@ class Service:
 
     def _look_at(self, paths: list[str]) -> None:
         """Import the paths that are ready, together; put the others back for later."""
-        w = self.config.watch
-        now = self.clock()
-        ready = []  # (path, lstat)
+        w, drop = self.config.watch, self.config.watch.drop_dir
+        wall, now = self.clock(), self.monotonic()
+        ready = []  # (path, lstat, final)
         for path in paths:
             try:
-                st = os.lstat(path)
-            except FileNotFoundError:
+                st = beneath.lstat(drop, os.path.relpath(path, drop))
+            except (FileNotFoundError, beneath.Outside):
                 self._forget(path)
                 continue
-            wait = settle.wait_seconds(st, now, w.settle_seconds, self.done_at.get(path))
+            if path in self.undisposed:
+                self._dispose_again(path, st, now)
+                continue
+            observed = self.observed.unchanged_for(path, st)
+            wait = settle.wait_seconds(st, wall, w.settle_seconds, self.done_at.get(path), observed)
             if wait > 0:
                 self.schedule.put(path, now + wait)
                 continue
             self.attempts[path] += 1
-            ready.append((path, st))
-        files = [(path, settle.is_final(st, now, w.incomplete_seconds), self.attempts[path])
-                 for path, st in ready]
+            ready.append((path, st, settle.is_final(st, wall, w.incomplete_seconds, observed)))
+        files = [(path, final, self.attempts[path]) for path, _, final in ready]
         unavailable = None
-        for (path, st), outcome in zip(ready, ingest_together(files, self.config)):
+        for (path, st, _), outcome in zip(ready, ingest_together(files, self.config)):
             if isinstance(outcome, Unavailable):  # not the file's fault: it stays, untouched
                 unavailable = outcome
                 self.attempts[path] -= 1
                 self.schedule.put(path, now)
             else:
-                self._after(path, st, now, outcome)
+                self._after(path, st, wall, now, outcome)
         if unavailable is not None:
             models.reset_connection()
             if self._pause == 1.0:
@@ -251,26 +273,60 @@ class Service:
         elif ready:
             self._pause = 1.0
 
-    def _after(self, path: str, st: os.stat_result, now: float, outcome) -> None:
+    def _after(self, path: str, st: os.stat_result, wall: float, now: float, outcome) -> None:
         w = self.config.watch
         self.counts[outcome.outcome] += 1
         if self._more_to_scan and len(self.schedule) < MAX_QUEUED // 2:
             self._more_to_scan = False
             self.rescan_soon()
-        if outcome.outcome == "retry":
+        if outcome.undisposed:
+            self._cannot_dispose(path, st, now, outcome)
+        elif outcome.again:  # another version has the name now: it takes its turn
+            self._forget(path)
+            self.schedule.put(path, now)
+        elif outcome.outcome == "retry":
             self.schedule.put(path, now + self.attempts[path])
         elif outcome.outcome == "claimed":
             self.attempts[path] -= 1
             self.schedule.put(path, now + max(w.settle_seconds, CLAIMED_RETRY_SECONDS))
         elif outcome.outcome == "pending":
             self.done_at.pop(path, None)
-            self.schedule.put(path, settle.last_change(st) + w.incomplete_seconds)
+            left = w.incomplete_seconds - settle.quiet_seconds(st, wall, self.observed.unchanged_for(path, st))
+            self.schedule.put(path, now + max(left, w.settle_seconds))
         else:
             self._forget(path)
+
+    def _cannot_dispose(self, path: str, st: os.stat_result, now: float, outcome) -> None:
+        """Reported once, then tried again on a slow schedule; its outcome is recorded once."""
+        if self.warned.get(path) != outcome.undisposed:
+            LOGGER.warning("%s %r: %s; it stays in the drop folder, trying again every %.0f s",
+                           outcome.outcome, outcome.source, outcome.undisposed, DISPOSE_RETRY_SECONDS)
+            self.warned[path] = outcome.undisposed
+        if outcome.outcome in ("imported", "duplicate", "dicomdir"):
+            self.undisposed[path] = (_signature(st), outcome)
+        self.attempts[path] = 0
+        self.schedule.put(path, now + DISPOSE_RETRY_SECONDS)
+
+    def _dispose_again(self, path: str, st: os.stat_result, now: float) -> None:
+        signature, outcome = self.undisposed.pop(path)
+        if _signature(st) != signature:  # another version: imported in its turn
+            self.schedule.put(path, now)
+            return
+        outcome = dispose_recorded(path, self.config, outcome)
+        if outcome.undisposed:
+            self._cannot_dispose(path, st, now, outcome)
+            return
+        LOGGER.info("%s %r: removed from the drop folder now", outcome.outcome, outcome.source)
+        self._forget(path)
+        if outcome.again:
+            self.schedule.put(path, now)
 
     def _forget(self, path: str) -> None:
         self.attempts.pop(path, None)
         self.done_at.pop(path, None)
+        self.observed.forget(path)
+        self.undisposed.pop(path, None)
+        self.warned.pop(path, None)
 
     # -- liveness ----------------------------------------------------------------
     def heartbeat(self, state: str = "running") -> None:
@@ -379,3 +435,7 @@ def _fork(config: Config, shard: tuple[int, int], stop: threading.Event) -> int:
 
 
 PR_SET_PDEATHSIG = 1
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

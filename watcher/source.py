@@ -5,11 +5,15 @@ opened with O_NOFOLLOW | O_NONBLOCK and must be a regular file. Small files are
 read whole, once; validation, hashing and storing all use those same bytes.
 Large files are read in blocks, so memory stays flat whatever their size.
 
-With ``lease=True`` a file that belongs to us and has no other name is opened
-under a read lease (fcntl F_SETLEASE): the kernel grants it only while nobody
-has the file open for writing, and while we hold it anyone who opens the file
-for writing (or truncates it) waits until we let go. Under a lease the
-archive may keep this very inode instead of a copy (watcher/archive.py).
+The file is reached below the drop folder without following any link
+(watcher/beneath.py), and opened under a read lease (fcntl F_SETLEASE) where
+the kernel allows one (our own files, or any file when we run as root): the
+lease is granted only while nobody has the file open for writing, so a
+refusal (EAGAIN) means a writer still holds the file (``Busy``: wait for it);
+and while we hold it, anyone who opens the file for writing (or truncates it)
+waits until we let go, and we can see that they asked (``lease_broken``).
+Where no lease can be had (another user's file, a network share), changes are
+seen by the file's signature (size, mtime, ctime, inode).
 """
 
 import errno
@@ -20,7 +24,8 @@ import signal
 import stat
 from dataclasses import dataclass
 
-from .errors import Rejected
+from . import beneath
+from .errors import Busy, Rejected
 
 WHOLE_FILE_LIMIT = 4 << 20  # read files up to this size in one go
 BLOCK = 1 << 16
@@ -68,18 +73,20 @@ LEASE_BREAK_SIGNAL = signal.SIGURG
 class Source:
     """An open regular file from the drop folder. Use as a context manager."""
 
-    def __init__(self, path: str, lease: bool = False):
-        self.path = path
+    def __init__(self, root, rel: str, lease: bool = True):
+        self.root, self.rel = root, rel
         try:
-            mode = os.lstat(path).st_mode
-            if stat.S_ISLNK(mode):
-                raise Rejected("symlink", "a symbolic link; links are never followed, "
-                               "copy the file itself into the drop folder")
-            if not stat.S_ISREG(mode):
-                raise _special()
-            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with beneath.parent(root, rel) as (folder, name):
+                mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    raise Rejected("symlink", "a symbolic link; links are never followed, "
+                                   "copy the file itself into the drop folder")
+                if not stat.S_ISREG(mode):
+                    raise _special()
+                self.fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                  dir_fd=folder)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno == errno.ELOOP and not isinstance(exc, beneath.Outside):
                 raise Rejected("symlink", "a symbolic link; links are never followed") from None
             if exc.errno in (errno.ENXIO, errno.ENODEV):
                 raise _special() from None
@@ -87,15 +94,18 @@ class Source:
                 raise Rejected("unreadable", f"cannot open: {exc.strerror}; "
                                "give the watcher's user read permission") from None
             raise
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _special()
+            self.leased = lease and _take_read_lease(self.fd)
+        except BaseException:
             os.close(self.fd)
-            raise _special()
+            raise
         self.signature = Signature.of(st)
         self.size = st.st_size
         self.mode = st.st_mode
         self.device = st.st_dev
-        self.leased = lease and st.st_nlink == 1 and st.st_uid == os.geteuid() and _take_read_lease(self.fd)
         self.whole: bytes | None = None
         if self.size <= WHOLE_FILE_LIMIT:
             self.whole = self._pread(self.size, 0)
@@ -147,18 +157,26 @@ class Source:
         return digest.hexdigest()
 
     def changed(self) -> bool:
-        """True when the file was written to (or replaced) since we opened it.
-
-        Under a lease nobody could write to it; the lease is broken when someone is
-        waiting to, which makes the file as untrustworthy as a write would.
-        """
+        """True when the file was written to (or its name given to another file) since we
+        opened it. Under a lease nobody could write to it; a broken lease means someone is
+        waiting to, which makes the file as untrustworthy as a write would."""
         try:
-            now = Signature.of(os.stat(self.path, follow_symlinks=False))
-        except FileNotFoundError:
+            now = Signature.of(beneath.lstat(self.root, self.rel))
+        except (FileNotFoundError, beneath.Outside):
+            return True
+        if now.inode != self.signature.inode:
             return True
         if self.leased:
-            return self.lease_broken() or now.inode != self.signature.inode
+            return self.lease_broken()
         return now.differs_from(self.signature) or Signature.of(os.fstat(self.fd)).differs_from(self.signature)
+
+    def still_as_read(self) -> bool:
+        """The open file (whatever its name is now) is the version we read, and no writer waits."""
+        if self.leased and self.lease_broken():
+            return False
+        now = Signature.of(os.fstat(self.fd))
+        return (now.size, now.mtime_ns, now.ctime_ns) == (
+            self.signature.size, self.signature.mtime_ns, self.signature.ctime_ns)
 
     def lease_broken(self) -> bool:
         """Someone has asked to open the file for writing since we took the lease."""
@@ -175,10 +193,14 @@ class Source:
 
 
 def _take_read_lease(fd: int) -> bool:
-    """False when someone has the file open for writing, or the file system has no leases."""
+    """True when we hold a read lease on ``fd``; False when none can be had here (another
+    user's file without CAP_LEASE, a file system without leases). Raises ``Busy`` when the
+    kernel refuses because someone has the file open for writing."""
     try:
         fcntl.fcntl(fd, F_SETSIG, LEASE_BREAK_SIGNAL)
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
         return True
-    except OSError:  # EAGAIN: a writer has it open; EACCES, EINVAL: not possible here
-        return False
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            raise Busy("open for writing by another program: waiting until it closes the file") from None
+        return False  # EACCES, EPERM, EINVAL: not possible here

@@ -2,9 +2,10 @@
 
 import collections
 import logging
+import os
 import time
 
-from . import archive, claims, detect, dispose, settle
+from . import archive, beneath, claims, detect, dispose, settle
 from .config import Config
 from .errors import Unavailable
 from .pipeline import ingest
@@ -12,38 +13,53 @@ from .pipeline import ingest
 LOGGER = logging.getLogger(__name__)
 
 
-def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep) -> dict:
+def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep,
+          monotonic=time.monotonic) -> dict:
     """Process the drop folder until nothing is left but files still incomplete.
 
     Files still settling are waited for. Incomplete files are left (pending)
     unless they stayed unchanged for ``incomplete_seconds`` — or, with
     ``final``, for ``settle_seconds``: the folder is known to be at rest.
+    Files still open by a writer are left pending, however long. Files whose
+    outcome is recorded but that cannot be removed or moved are listed under
+    ``undisposed`` (path: error), and the summary's caller should fail.
     """
     w = config.watch
     claims.release_stale(config.import_.node)
     archive.remove_stale_temporaries(config.archive.dir)
+    for rel in dispose.recover(w.drop_dir):
+        LOGGER.warning("put back %s (its removal was cut short by a crash)", rel)
     counts = collections.Counter()
     attempts = collections.Counter()
-    done_with, pending = set(), set()
+    observed = settle.Observed(monotonic)
+    done_with, pending, undisposed = set(), set(), {}
     while True:
         waits = []
         for path, st in detect.scan(w.drop_dir, w.ignore):
-            signature = (path, st.st_size, st.st_ctime_ns)
+            signature = (path, st.st_ino, st.st_size, st.st_ctime_ns)
             if signature in done_with:
                 continue
             now = clock()
-            wait = settle.wait_seconds(st, now, w.settle_seconds)
+            seen = observed.unchanged_for(path, st)
+            wait = settle.wait_seconds(st, now, w.settle_seconds, observed=seen)
             if wait > 0:
                 waits.append(wait)
                 continue
-            is_final = settle.is_final(st, now, w.settle_seconds if final else w.incomplete_seconds)
+            is_final = settle.is_final(st, now, w.settle_seconds if final else w.incomplete_seconds, seen)
             attempts[path] += 1
             try:
                 outcome = ingest(path, config, final=is_final, attempt=attempts[path])
             except Unavailable as exc:
                 LOGGER.error("stopping: %s", exc)
                 raise
-            if outcome.outcome == "claimed":
+            if outcome.undisposed:
+                LOGGER.warning("%s %r: %s; it stays in the drop folder", outcome.outcome,
+                               outcome.source, outcome.undisposed)
+                undisposed[outcome.source] = outcome.undisposed
+                done_with.add(signature)
+                if outcome.outcome != "pending":
+                    counts[outcome.outcome] += 1
+            elif outcome.outcome == "claimed":
                 attempts[path] -= 1
                 waits.append(1.0)
             elif outcome.outcome == "retry":
@@ -53,10 +69,15 @@ def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep
                 done_with.add(signature)
             else:
                 counts[outcome.outcome] += 1
+                if outcome.again:
+                    waits.append(w.settle_seconds)
         if not waits:
             break
         sleep(min(max(min(waits), 0.05), 1.0))
     while dispose.prune_empty_dirs(w.drop_dir, w.settle_seconds, clock()):
         sleep(0.2)
-    counts["pending"] = sum(1 for p in pending if p.exists())
-    return dict(counts)
+    counts["pending"] = sum(1 for p in pending if p not in undisposed
+                            and beneath.lexists(w.drop_dir, os.path.relpath(p, w.drop_dir)))
+    result = dict(counts)
+    result["undisposed"] = undisposed
+    return result

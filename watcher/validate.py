@@ -336,13 +336,21 @@ class _Inflated:
         return self.data[pos:pos + n]
 
 
+def _is_disc_index(raw: dict, walk: "_Walk") -> bool:
+    """Only a real DICOMDIR is a disc index: Media Storage Directory Storage with its
+    directory record sequence, and no image data. Anything else is judged as an instance."""
+    has_pixels = walk.pixel_length is not None or walk.encapsulated or walk.other_pixel_data
+    return (_text(raw, "MediaStorageSOPClassUID") == DICOMDIR_CLASS and walk.has_directory
+            and not has_pixels)
+
+
 def _text(raw: dict, keyword: str) -> str:
     return raw.get(keyword, b"").decode("ascii", "replace").strip("\0 ")
 
 
 def _describe(raw: dict, walk: _Walk, syntax: str, explicit: bool) -> DicomInfo:
     uids = {k: _text(raw, k) for k in REQUIRED_UIDS}
-    if _text(raw, "MediaStorageSOPClassUID") == DICOMDIR_CLASS or walk.has_directory:
+    if _is_disc_index(raw, walk):
         return DicomInfo(DICOMDIR_CLASS, _text(raw, "MediaStorageSOPInstanceUID"), "", "",
                          syntax, is_dicomdir=True)
     missing = [k for k, v in uids.items() if not v]

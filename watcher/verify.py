@@ -1,14 +1,12 @@
 """Check the archive against the database: every row has its file with its hash, every file a row."""
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import archive
 from .models import Instance
 
-ORPHAN_AGE = 3600  # younger unreferenced files may belong to an import in progress
 
 
 @dataclass
@@ -41,6 +39,8 @@ def verify(archive_dir: Path, rehash: bool = True) -> Findings:
             found.mismatched.append(stored_path)
     for root, dirs, files in os.walk(archive_dir):
         rel_root = os.path.relpath(root, archive_dir)
+        if rel_root == ".":
+            files = [f for f in files if f not in archive.LOCKS]
         for name in files:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
             if rel_root.split("/")[0] == archive.TMP:
@@ -50,17 +50,22 @@ def verify(archive_dir: Path, rehash: bool = True) -> Findings:
     return found
 
 
-def repair(archive_dir: Path, findings: Findings, min_age: float = ORPHAN_AGE) -> list[str]:
-    """Remove orphans and leftover temporary files old enough not to belong to a running import."""
+def repair(archive_dir: Path, findings: Findings) -> list[str]:
+    """Remove orphans and leftover temporary files.
+
+    Under ``archive.repairing``: no import is between storing an original and
+    committing its row meanwhile, so a file that no row references then is left
+    over from a crash, never one that an import in progress is about to reference.
+    Each candidate is checked against the database again under the lock.
+    """
     removed = []
-    now = time.time()
-    for rel in findings.orphans + findings.temporary:
-        path = archive_dir / rel
-        try:
-            if now - path.stat().st_mtime >= min_age and not Instance.select().where(
-                    Instance.stored_path == rel).exists():
-                path.unlink()
+    with archive.repairing(archive_dir):
+        for rel in findings.orphans + findings.temporary:
+            if Instance.select().where(Instance.stored_path == rel).exists():
+                continue
+            try:
+                (archive_dir / rel).unlink()
                 removed.append(rel)
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                pass
     return removed
