@@ -159,11 +159,11 @@ def _free_names(rel: str):
     """``rel``, ``rel.1``, … whose folders can be made; if a folder on the way is taken
     by a file or a link, the top folder gets the number instead (``a.1/b/c``)."""
     first, _, rest = rel.partition("/")
-    for n in itertools.count(0):
-        suffix = f".{n}" if n else ""
-        yield f"{rel}{suffix}"
+    yield rel
+    for n in itertools.count(1):
+        yield f"{rel}.{n}"
         if rest:
-            yield f"{first}{suffix or '.0'}/{rest}"
+            yield f"{first}.{n}/{rest}"
 
 
 def _copy_across(src_fd: int, name: str, st, source, dst_fd: int, dst_name: str) -> None:
