@@ -109,6 +109,32 @@ def test_export_copies_originals_of_a_study(run):
     run("export", "9.9.9", str(run.tmp / "none"), code=1)
 
 
+def test_export_never_replaces_a_different_file_and_refuses_a_damaged_original(run):
+    a = write(run.tmp / "drop" / "a.dcm", study_uid="1.2.3", series_uid="1.2.3.1")
+    original = a.read_bytes()
+    run("scan")
+    row = json.loads(run("list", "--json"))[0]
+    out = run.tmp / "out"
+    target = out / "1.2.3" / "1.2.3.1" / f"{row['sop_instance_uid']}.dcm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"someone else's file")
+    assert "exists with other bytes" in run("export", "1.2.3", str(out), code=1)
+    assert target.read_bytes() == b"someone else's file"
+    target.unlink()
+    assert "1 files copied" in run("export", "1.2.3", str(out))
+    assert "1 files copied" in run("export", "1.2.3", str(out))  # the same bytes again: fine
+    assert target.read_bytes() == original
+    stored = Path(row["stored_path"])
+    stored.chmod(0o644)
+    stored.write_bytes(original[:-1] + b"X")
+    damaged = run.tmp / "out2"
+    said = run("export", "1.2.3", str(damaged), code=1)
+    assert str(stored) in said and "no longer matches" in said
+    assert not [p for p in damaged.rglob("*") if p.is_file()]  # nothing handed out
+    stored.unlink()
+    assert "is missing" in run("export", "1.2.3", str(run.tmp / "out3"), code=1)
+
+
 def test_verify_reports_a_damaged_original_and_fails(run):
     write(run.tmp / "drop" / "a.dcm")
     run("scan")

@@ -334,3 +334,40 @@ def test_file_with_an_mtime_in_the_future_is_imported(tmp_path, db_url):
     finally:
         stop(proc)
     models.database.close()
+
+
+@pytest.fixture
+def rejected_elsewhere(tmp_path, db_url):
+    """A config whose rejected folder is on another file system (tmpfs): moves are copies."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    import tempfile
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    cfg = make_config(tmp_path, db_url, archive={"rejected_dir": str(elsewhere / "rejected")})
+    models.connect(cfg.database.url)
+    yield cfg
+    models.database.close()
+    import shutil
+    shutil.rmtree(elsewhere)
+
+
+def test_rejection_to_another_file_system_never_takes_a_file_from_its_writer(rejected_elsewhere):
+    """A file still being written looks truncated; even once it counts as final, its copy to
+    another file system and the unlink of its source wait for the writer to close it."""
+    from watcher.pipeline import ingest
+    cfg = rejected_elsewhere
+    whole = write(cfg.watch.drop_dir.parent / "whole.dcm", rows=64, columns=64).read_bytes()
+    path = cfg.watch.drop_dir / "slow.dcm"
+    with open(path, "wb") as writer:
+        writer.write(whole[:len(whole) // 2])
+        writer.flush()
+        assert ingest(path, cfg, final=True).outcome == "pending"
+        writer.write(whole[len(whole) // 2:])
+    assert path.read_bytes() == whole  # nothing of the writer's was lost
+    assert ingest(path, cfg).outcome == "imported"
+    junk = cfg.watch.drop_dir / "junk.txt"
+    junk.write_text("not dicom " * 40)
+    assert ingest(junk, cfg).outcome == "rejected"
+    assert not junk.exists()
+    assert (cfg.archive.rejected_dir / "junk.txt").read_text() == "not dicom " * 40

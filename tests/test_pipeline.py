@@ -4,6 +4,8 @@ import hashlib
 import os
 import socket
 
+import pytest
+
 from dicomfiles import bundled, ct, write, write_bare
 from watcher.models import Event, Instance, Rejection, Series, Study
 from watcher.pipeline import ingest
@@ -100,6 +102,24 @@ def test_dicomdir_is_recorded_and_disposed_not_imported(config):
     assert not src.exists()
     assert Instance.select().count() == 0
     assert Event.get().outcome == "dicomdir"
+
+
+@pytest.mark.parametrize("disguise", ["directory record sequence", "DICOMDIR class in the file meta"])
+def test_image_that_looks_like_a_dicomdir_is_judged_as_an_image(config, disguise):
+    """Only Media Storage Directory Storage with its record sequence is a disc index: a CT
+    with Pixel Data wearing one of its marks is an instance, never deleted unstored."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    ds = ct()
+    if disguise == "directory record sequence":
+        ds.DirectoryRecordSequence = Sequence([Dataset()])
+    else:
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    src = write(config.watch.drop_dir / "DICOMDIR", ds)
+    data = src.read_bytes()
+    outcome = ingest(src, config)
+    assert outcome.outcome == "imported", outcome
+    assert (config.archive.dir / Instance.get().stored_path).read_bytes() == data
 
 
 def test_symlink_is_rejected_and_its_target_untouched(config, tmp_path):
