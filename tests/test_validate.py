@@ -1,5 +1,6 @@
 """validate() proves completeness and identity on real files, or says why not."""
 
+from pathlib import Path
 import struct
 import zlib
 
@@ -16,6 +17,7 @@ from watcher.validate import DICOMDIR_CLASS, is_valid_uid, validate
 
 
 def check(path):
+    path = Path(path)
     with Source(path.parent, path.name, lease=False) as source:
         return validate(source)
 

@@ -4,6 +4,7 @@ Relative paths are taken relative to the folder that holds the config file,
 so `etc/watcher.toml` can say `drop_dir = "../var/drop"`.
 """
 
+import math
 import os
 import socket
 import tomllib
@@ -119,6 +120,8 @@ def _convert(key, f, value, base):
         f.type if isinstance(f.type, str) else f.type.__name__]
     if not isinstance(value, expected) or (expected != bool and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {f.type}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, not {value!r}")
     return value
 
 
@@ -197,10 +200,13 @@ def check_drop_dir(config: Config, create: bool = False) -> None:
     """The drop folder must exist: a misspelt path would be watched while the real folder fills
     up. Creating it is something a person asks for (``--create-drop-dir``)."""
     drop = config.watch.drop_dir
+    where = f" (set in {config.path})" if config.path else ""
     if create:
-        drop.mkdir(parents=True, exist_ok=True)
-    elif not drop.is_dir():
-        where = f" (set in {config.path})" if config.path else ""
+        try:
+            drop.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"watch.drop_dir {drop}{where} cannot be created: {exc.strerror}") from None
+    if not drop.is_dir():
         raise ConfigError(f"watch.drop_dir {drop} does not exist{where}; check the path, or "
                           "create it (mkdir, or pass --create-drop-dir)")
 

@@ -146,8 +146,9 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
         return Outcome("pending", rel, detail=exc.detail)
     except Rejected as exc:  # a link, a FIFO, a file we may not read: moved as it is
         return _reject(None, rel, exc.reason, exc.detail, config)
-    except (FileNotFoundError, beneath.Outside):
-        return Outcome("vanished", rel, detail="removed, or its folder replaced, before it was imported")
+    except (FileNotFoundError, IsADirectoryError, beneath.Outside):
+        return Outcome("vanished", rel, detail="removed, replaced by a folder, or its folder replaced, "
+                                               "before it was imported")
     with source:
         try:
             return (yield from _ingest(source, rel, config))

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import zlib
@@ -243,6 +244,10 @@ class Service:
                 st = beneath.lstat(drop, os.path.relpath(path, drop))
             except (FileNotFoundError, beneath.Outside):
                 self._forget(path)
+                continue
+            if stat.S_ISDIR(st.st_mode):  # a file replaced by a folder: look into it instead
+                self._forget(path)
+                self.look_into(path)
                 continue
             if path in self.undisposed:
                 self._dispose_again(path, st, now)

@@ -78,6 +78,8 @@ class Source:
         try:
             with beneath.parent(root, rel) as (folder, name):
                 mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):  # a link or file replaced by a folder: its files come on their own
+                    raise IsADirectoryError(errno.EISDIR, "a folder now", rel)
                 if stat.S_ISLNK(mode):
                     raise Rejected("symlink", "a symbolic link; links are never followed, "
                                    "copy the file itself into the drop folder")
