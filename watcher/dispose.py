@@ -44,19 +44,23 @@ def remove(root: Path, rel: str, source) -> bool:
     that file stays, under its name or a free one.
     """
     with beneath.parent(root, rel) as (fd, name):
-        if not source.still_as_read():
-            return False
-        private = _private_name(name)
-        try:
-            os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
-        except FileNotFoundError:
-            return True  # gone already: someone else removed or moved it
-        st = os.stat(private, dir_fd=fd, follow_symlinks=False)
-        if _same(st, source) and not (source.leased and source.lease_broken()):
-            os.unlink(private, dir_fd=fd)
-            return True
-        _put_back(fd, private, name)
+        return _remove_if_same(fd, name, source)
+
+
+def _remove_if_same(fd: int, name: str, source) -> bool:
+    if not source.still_as_read():
         return False
+    private = _private_name(name)
+    try:
+        os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
+    except FileNotFoundError:
+        return True  # gone already: someone else removed or moved it
+    st = os.stat(private, dir_fd=fd, follow_symlinks=False)
+    if _same(st, source) and not (source.leased and source.lease_broken()):
+        os.unlink(private, dir_fd=fd)
+        return True
+    _put_back(fd, private, name)
+    return False
 
 
 def _same(st: os.stat_result, source) -> bool:
@@ -198,15 +202,7 @@ def _copy_across(src_fd: int, name: str, st, source, dst_fd: int, dst_name: str)
 def _remove_after_copy(src_fd: int, name: str, st, source) -> None:
     """The copy is in place: remove the source if it is still what we copied."""
     if source is not None:
-        if not source.still_as_read():
-            return  # a writer is at it: that newer version stays and is looked at again
-        private = _private_name(name)
-        os.rename(name, private, src_dir_fd=src_fd, dst_dir_fd=src_fd)
-        now = os.stat(private, dir_fd=src_fd, follow_symlinks=False)
-        if _same(now, source) and not (source.leased and source.lease_broken()):
-            os.unlink(private, dir_fd=src_fd)
-        else:
-            _put_back(src_fd, private, name)
+        _remove_if_same(src_fd, name, source)  # if not, the newer version stays and is looked at again
         return
     now = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
     if (now.st_ino, now.st_mtime_ns, now.st_ctime_ns) == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
