@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +27,8 @@ import pydicom
 
 from . import corpus, service
 from .limits import measure_limits
-from .results import Measurement, add_ratios, make_row, markdown_table, service_table, write_json
+from .results import (Measurement, add_ratios, make_row, markdown_table, service_table, spread_table,
+                      write_json)
 
 LOGGER = logging.getLogger("bench")
 
@@ -126,12 +128,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the small batch (5,000 files; --small-count to change), with the "
                              "service under py-spy (or cProfile), and print its top functions")
     parser.add_argument("--profile-tool", choices=("auto", "py-spy", "cprofile"), default="auto")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also measure the service batches of git revision REV (its watcher/ "
+                             "taken with git archive), interleaved with this checkout's, in the same run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the limits and the service batches N times (the stream, backlog and "
+                             "memory rows once) and print each figure's median and spread")
     return parser.parse_args(argv)
 
 
-def service_settings(args: argparse.Namespace, log_dir: Path) -> service.Settings:
+def service_settings(args: argparse.Namespace, log_dir: Path,
+                     variants: tuple[service.Variant, ...] = ()) -> service.Settings:
     base = service.QUICK if args.quick else service.FULL
-    return replace(base, backends=tuple(args.backends.split(",")), log_dir=log_dir, workers=args.workers)
+    return replace(base, backends=tuple(args.backends.split(",")), log_dir=log_dir, workers=args.workers,
+                   variants=variants)
+
+
+def baseline_variant(rev: str, dest: Path) -> service.Variant:
+    """Revision ``rev``'s ``watcher/`` unpacked into ``dest``, run with this Python and its
+    installed dependencies, ahead of the installed package on the path."""
+    repo = Path(__file__).resolve().parents[1]
+    full = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", full, "watcher"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    command = ("env", f"PYTHONPATH={dest}", sys.executable, "-m", "watcher")
+    return service.Variant(label=f" @{full}", command=command, code=f"{full} (baseline)")
 
 
 def run_profile(args: argparse.Namespace, plan: Plan, root: Path, log_dir: Path) -> int:
@@ -167,11 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.profile:
             return run_profile(args, plan, root, log_dir)
-        measurements = {"limits": [measure_limits], "service": []}.get(args.only, list(MEASUREMENTS))
-        if args.only != "limits":
-            measurements.append(service.measurement(service_settings(args, log_dir)))
+        variants = ()
+        if args.baseline:
+            variants = (service.THIS_CHECKOUT, baseline_variant(args.baseline, root / "baseline"))
         corpora, rows = generate_corpora(plan, root / "corpora", meta)
-        rows += run_measurements(corpora, root / "scratch", measurements)
+        for round_ in range(1, args.repeat + 1):
+            measurements = {"limits": [measure_limits], "service": []}.get(args.only, list(MEASUREMENTS))
+            if args.only != "limits":
+                settings = replace(service_settings(args, log_dir, variants), extras=round_ == 1)
+                measurements.append(service.measurement(settings))
+            made = run_measurements(corpora, root / "scratch", measurements)
+            for row in made:
+                row["round"] = round_
+            rows += made
     finally:
         if args.keep:
             LOGGER.info("corpora kept in %s", root)
@@ -181,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["page_cache"] = caches
     add_ratios(rows)
     print(markdown_table(rows))
+    if args.repeat > 1:
+        print("\n" + spread_table(rows))
     print(f"\npage cache before each measurement: {', '.join(caches) or 'n/a'} "
           f"(cold = sync + drop_caches succeeded); MB = 10^6 bytes; real corpus: {meta.get('real_corpus')}")
     if any(row.get("backend") for row in rows):

@@ -137,7 +137,7 @@ class ServiceRun:
 
     def __init__(self, workdir: Path, backend: Backend, *, workers: int | None = None, settle_seconds: float = 2,
                  rescan_seconds: float = 5, incomplete_seconds: float | None = None,
-                 command: list[str] | None = None, keep_log: Path | None = None):
+                 command: list[str] | None = None, keep_log: Path | None = None, code: str | None = None):
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
         self.drop = workdir / "drop"
@@ -153,7 +153,8 @@ class ServiceRun:
         self.keep_log = keep_log  # where the service's log is copied on cleanup
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
-        self.code = ""  # watcher_code() when started
+        self.given_code = code  # which code a baseline command runs (else watcher_code() at start)
+        self.code = ""
         self.peak_tree_pss_mb = 0.0  # sampled: the tree's PSS at its highest reading
         self.max_processes = 0
         self.server_started = backend.server_started()  # another PostgreSQL restart shows up here
@@ -175,7 +176,7 @@ class ServiceRun:
     def start(self, heartbeat_timeout: float = 600) -> float:
         """Start the service and wait for its heartbeat row; returns seconds until it appeared."""
         started = time.perf_counter()
-        self.code = watcher_code()
+        self.code = self.given_code or watcher_code()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.command, "run", "--config", str(self.config_path)],

@@ -8,6 +8,7 @@ MB is 10**6 bytes.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def add_ratios(rows: list[dict], limit_what: str = "copy_hash_fsync") -> None:
             continue
         corpus, procs, metric = LIMIT_OF[row["corpus"]]
         limits = [r for r in rows if r["corpus"] == corpus and r["what"] == limit_what
-                  and r["procs"] == procs and r["cache"] == "warm" and r.get(metric)]
+                  and r["procs"] == procs and r["cache"] == "warm" and r.get(metric)
+                  and r.get("round") == row.get("round")]  # (with --repeat: the same round's)
         if limits and row.get(metric) is not None:
             limit = limits[-1]  # the last warm row is the one that followed a cold read
             row["limit"] = f"{corpus} {limit_what} {procs} procs warm: {limit[metric]:,} {metric}"
@@ -120,6 +122,34 @@ def service_table(rows: list[dict]) -> str:
             _latency(row, "max"), row.get("never_arrived", row.get("unaccounted")),
             f"{row['stop_seconds']:.2f} ({row['exit_code']})", row.get("left_in_drop"),
             row.get("log_problems"), _outcomes(row), "; ".join(row.get("notes", [])) or None))
+    return _table(headers, lines)
+
+
+def spread_table(rows: list[dict]) -> str:
+    """With --repeat: each repeated figure's median and range over the rounds (files/s, MB/s,
+    the ratio to the limit, and the tree's CPU per file)."""
+    groups: dict = {}
+    for row in rows:
+        if not row.get("skipped") and row["what"] != "generate":
+            groups.setdefault((row["corpus"], row["what"], row["procs"], row["cache"]), []).append(row)
+
+    def spread(values):
+        values = sorted(v for v in values if v is not None)
+        if not values:
+            return None
+        return f"{_cell(float(statistics.median(values)))} ({_cell(values[0])}–{_cell(values[-1])})"
+
+    lines = []
+    for (corpus, what, procs, cache), group in groups.items():
+        if len(group) < 2:
+            continue
+        ratios = [r["vs_limit"] * 100 for r in group if r.get("vs_limit") is not None]
+        lines.append((corpus, what, procs, cache, len(group), spread(r["files_per_s"] for r in group),
+                      spread(r["mb_per_s"] for r in group),
+                      spread(ratios) and spread(ratios) + " %",
+                      spread(r.get("tree_cpu_s_per_1000") for r in group)))
+    headers = ("corpus", "what", "procs", "cache", "runs", "files/s median (min–max)", "MB/s",
+               "vs limit", "tree CPU s/1000 files")
     return _table(headers, lines)
 
 

@@ -37,6 +37,19 @@ TWO_GIB = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
+class Variant:
+    """Service code to measure: this checkout (no command), or a baseline revision run from
+    its own copy of ``watcher/`` (``--baseline REV``), so before and after share one run."""
+
+    label: str = ""  # appended to the row's ``what``
+    command: tuple[str, ...] | None = None
+    code: str | None = None  # what ``watcher_code`` the rows record
+
+
+THIS_CHECKOUT = Variant()
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     backends: tuple[str, ...] = ("sqlite", "postgres")
     stream_rate: float = 200.0  # files per second
@@ -47,6 +60,8 @@ class Settings:
     # file): stop waiting and report what is missing
     log_dir: Path | None = None  # keep each run's service log here
     workers: int | None = None  # import.workers in the service's config; None: its own default
+    variants: tuple[Variant, ...] = ()  # the code measured in batches; () = this checkout only
+    extras: bool = True  # the stream, backlog and memory rows (once per benchmark, not per round)
 
 
 QUICK = Settings(stream_rate=100.0, stream_seconds=5.0, backlog_files=2_000, backlog_seconds=60.0,
@@ -182,12 +197,16 @@ def finish(run: ServiceRun, row: dict, before, load_start: float, files: int) ->
 # -- the measurements ------------------------------------------------------------------------
 
 def batch(corpus: str, paths: list[Path], workdir: Path, backend: Backend, settings: Settings,
-          what: str = "service batch", command: list[str] | None = None) -> dict:
+          what: str = "service batch", command: list[str] | None = None,
+          variant: Variant = THIS_CHECKOUT) -> dict:
     """Rename the whole corpus into the drop folder of a running service; time until all is in."""
     sizes = [p.stat().st_size for p in paths]
     size = sum(sizes)
     stall = settings.stall_seconds + max(sizes) / 50e6
-    with service_run(workdir, backend, settings, f"{corpus} {what}", command=command) as run:
+    what += variant.label
+    command = command or (list(variant.command) if variant.command else None)
+    with service_run(workdir, backend, settings, f"{corpus} {what}", command=command,
+                     code=variant.code) as run:
         relative = stage(paths, run.staging)
         run.start()
         before, load_start = run.stats(), load_1m()
@@ -348,8 +367,11 @@ def measurement(settings: Settings) -> Measurement:
         rows = []
         workdir = scratch / "service"
         for backend in backends:
-            rows.append(batch(corpus, paths, workdir, backend, settings))
+            for variant in settings.variants or (THIS_CHECKOUT,):
+                rows.append(batch(corpus, paths, workdir, backend, settings, variant=variant))
         rows += [skipped_row(corpus, "service batch", name, why) for name, why in skipped.items()]
+        if not settings.extras:
+            return rows
         if corpus == "small":
             for backend in backends:
                 rows.append(stream(workdir, backend, settings))

@@ -185,6 +185,30 @@ def test_second_service_on_one_database_is_refused_and_a_killed_one_blocks_nothi
     models.database.close()
 
 
+def test_two_scans_at_once_import_each_file_exactly_once(tmp_path, db_url):
+    """Two administrators run ``scan --final`` at the same moment: one is refused at once,
+    naming the other, or waits its turn; either way every file is imported once, none lost."""
+    cfg = write_config_file(tmp_path, db_url)
+    written = {}
+    for i in range(150):
+        path = write(tmp_path / "drop" / f"s{i // 50}" / f"f{i}.dcm")
+        written[path.name] = sha(path.read_bytes())
+    scans = [subprocess.Popen([sys.executable, "-m", "watcher", "scan", "--final", "--config", str(cfg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in scans]
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 0, results
+    if codes[1] != 0:  # refused: says who holds the database
+        refused = next(err for code, _, err in results if code != 0)
+        assert "already imports" in refused and "pid" in refused, refused
+    models.connect(db_url)
+    rows = list(Instance.select())
+    assert len(rows) == len(written) == len({r.sop_instance_uid for r in rows})
+    assert {Path(r.source).name: r.sha256 for r in rows} == written
+    assert not [p for p in (tmp_path / "drop").rglob("*") if p.is_file()]
+    models.database.close()
+
+
 @pytest.fixture
 def immutable():
     """chattr +i: not even root may add, remove or rename entries of such a folder."""

@@ -258,7 +258,7 @@ class Service:
                 self.schedule.put(path, now + wait)
                 continue
             self.attempts[path] += 1
-            ready.append((path, st, settle.is_final(st, wall, w.incomplete_seconds, observed)))
+            ready.append((path, st, settle.is_final(observed, w.incomplete_seconds)))
         files = [(path, final, self.attempts[path]) for path, _, final in ready]
         unavailable = None
         for (path, st, _), outcome in zip(ready, ingest_together(files, self.config)):
@@ -296,7 +296,7 @@ class Service:
             self.schedule.put(path, now + max(w.settle_seconds, CLAIMED_RETRY_SECONDS))
         elif outcome.outcome == "pending":
             self.done_at.pop(path, None)
-            left = w.incomplete_seconds - settle.quiet_seconds(st, wall, self.observed.unchanged_for(path, st))
+            left = w.incomplete_seconds - self.observed.unchanged_for(path, st)
             self.schedule.put(path, now + max(left, w.settle_seconds))
         else:
             self._forget(path)

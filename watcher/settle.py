@@ -2,12 +2,20 @@
 
 A file is settled when nothing has written to it for ``settle_seconds``, and
 final (if still incomplete, it never will be complete) after
-``incomplete_seconds``. How long it has been quiet is measured two ways, and
-the longer counts: by its ctime (moved by every write, and not fakeable with
-utime) and mtime, when they lie in the past; and by our own observation, on
-a monotonic clock, of its signature staying the same. Timestamps in the future
-(``cp -p`` from a skewed clock, FAT or ISO time zones, a clock that jumped
-back) therefore never leave a file waiting forever: observation takes over.
+``incomplete_seconds``. How long it has been quiet is measured two ways: by its
+ctime (moved by every write, and not fakeable with utime) and mtime, when they
+lie in the past; and by our own observation, on a monotonic clock, of its
+signature staying the same.
+
+- Settled takes the longer of the two. Timestamps in the future (``cp -p`` from
+  a skewed clock, FAT or ISO time zones, a clock that jumped back) therefore
+  never leave a file waiting forever: observation takes over. A clock that
+  jumped forward makes a file look older than it is, which only lets
+  validation look at it sooner; validation proves completeness, and a writer
+  that still holds the file keeps it (the read lease).
+- Final, which turns an incomplete file into a rejection, trusts only what we
+  saw: the file unchanged on our monotonic clock for ``incomplete_seconds``.
+  No wall clock, however wrong, can reject a file that is still being written.
 
 A writer that closed the file, or a rename into the folder, is a stronger
 sign: such a file is ready at once, as long as it has not changed since.
@@ -43,9 +51,9 @@ def wait_seconds(st: os.stat_result, now: float, settle_seconds: float,
     return max(0.0, settle_seconds - quiet_seconds(st, now, observed))
 
 
-def is_final(st: os.stat_result, now: float, incomplete_seconds: float, observed: float = 0.0) -> bool:
-    """The file stayed unchanged so long that, if incomplete, it never will be complete."""
-    return quiet_seconds(st, now, observed) >= incomplete_seconds
+def is_final(observed: float, incomplete_seconds: float) -> bool:
+    """We saw the file unchanged so long that, if incomplete, it never will be complete."""
+    return observed >= incomplete_seconds
 
 
 class Observed:

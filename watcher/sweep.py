@@ -45,7 +45,9 @@ def sweep(config: Config, final: bool = False, clock=time.time, sleep=time.sleep
             if wait > 0:
                 waits.append(wait)
                 continue
-            is_final = settle.is_final(st, now, w.settle_seconds if final else w.incomplete_seconds, seen)
+            # --final: the person says the folder is at rest, so a settled file is as complete as
+            # it will get; otherwise only what we saw counts (settle.py).
+            is_final = final or settle.is_final(seen, w.incomplete_seconds)
             attempts[path] += 1
             try:
                 outcome = ingest(path, config, final=is_final, attempt=attempts[path])
