@@ -54,6 +54,11 @@ def test_scan_of_sample_drop_accounts_for_every_file_byte_for_byte(run):
         assert i["sha256"] == dropped[i["source"]] and i["creator"] == "folder-scanner"
     for r in rejects:  # every rejected file is kept, unmodified
         assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == dropped[r["source"]]
+    [disc] = json.loads(run("discs", "--json"))  # the DICOMDIR is kept, unmodified, and its disc whole
+    assert disc["source"] == "cdrom/DICOMDIR" and disc["sha256"] == dropped["cdrom/DICOMDIR"]
+    assert hashlib.sha256(Path(disc["stored_path"]).read_bytes()).hexdigest() == dropped["cdrom/DICOMDIR"]
+    assert [h["sha256"] for h in history if h["outcome"] == "dicomdir"] == [dropped["cdrom/DICOMDIR"]]
+    assert (disc["referenced"], disc["arrived"], disc["missing"], disc["complete"]) == (4, 4, [], True)
     assert {r["source"]: r["reason"] for r in rejects} == {
         "cdrom/AUTORUN.INF": "not-dicom", "cdrom/README.TXT": "not-dicom",
         "cdrom/VIEWER/VIEWER.EXE": "not-dicom", "broken/truncated.dcm": "truncated"}
@@ -62,7 +67,7 @@ def test_scan_of_sample_drop_accounts_for_every_file_byte_for_byte(run):
     assert (status["patients"], status["studies"], status["series"], status["instances"],
             status["rejected"]) == (3, 3, 4, 14, 4)
     assert "Patient DEMO-0001" in run("list")
-    assert "checked 14, missing 0, mismatched 0, orphans 0" in run("verify")
+    assert "checked 15, missing 0, mismatched 0, orphans 0" in run("verify")  # 14 + the DICOMDIR
 
 
 def test_scan_leaves_incomplete_young_file_pending(run):

@@ -1,6 +1,7 @@
 """Resource faults: a full archive disk, a locked database, a vanished drop folder, an unreadable
 file. The service waits, keeps every source, says so, and resumes by itself."""
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import wait_for, make_config
 from dicomfiles import write
-from watcher import models
+from watcher import models, report
 from watcher.models import Instance, Rejection
 from watcher.service import Service
 
@@ -42,21 +43,63 @@ def test_full_archive_disk_pauses_keeps_sources_and_resumes(tmp_path, small_disk
     models.connect(cfg.database.url)
     files = [write(tmp_path / "stage" / f"{i}.dcm", rows=256, columns=256) for i in range(8)]  # 8 x 131 kB
     originals = {f.name: f.read_bytes() for f in files}
+    caplog.set_level(logging.INFO)
     with Service(cfg):
         for f in files:
             f.rename(cfg.watch.drop_dir / f.name)
         assert wait_for(lambda: "No space left" in caplog.text or "cannot import now" in caplog.text)
-        time.sleep(1)
+        time.sleep(3)  # several workers meet the full disk, several times
+        paused = [r for r in caplog.records if r.getMessage().startswith("paused:")]
+        assert len(paused) == 1 and paused[0].levelname == "WARNING"  # once, when it starts
+        node = report.status()["nodes"][0]
+        assert node["state"] == "paused" and "No space left" in node["outage"] and node["outage_since"]
         left = {p.name for p in cfg.watch.drop_dir.iterdir()}
         assert left and Rejection.select().count() == 0  # waiting, not rejecting
         for name in left:
             assert (cfg.watch.drop_dir / name).read_bytes() == originals[name]
         subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
         assert wait_for(lambda: Instance.select().count() == 8, 60)
+        assert wait_for(lambda: "resumed after" in caplog.text, 10)
+        assert wait_for(lambda: report.status()["nodes"][0]["state"] == "running", 15)
     assert not list(cfg.watch.drop_dir.iterdir())
     for i in Instance.select():
         assert (cfg.archive.dir / i.stored_path).read_bytes() == originals[i.source]
     assert not list((cfg.archive.dir / ".tmp").iterdir())  # no half-written temporaries left
+    models.database.close()
+
+
+def test_full_rejected_folder_pauses_keeps_sources_and_records_each_rejection_once(tmp_path, small_disk,
+                                                                                 caplog):
+    """The rejected folder on a full file system (another one than the drop folder's, so each
+    rejection is a copy): no partial copies, no history events for rejections that did not
+    happen, the sources untouched; all rejected, once each, when there is room again."""
+    from watcher.models import Event
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
+                      watch={"settle_seconds": 1, "rescan_seconds": 1},
+                      archive={"rejected_dir": str(small_disk / "rejected")})
+    models.connect(cfg.database.url)
+    junk = {f"junk{i}.txt": os.urandom(150_000) for i in range(12)}  # 1.8 MB for a 1 MiB disk
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name, data in junk.items():
+        (stage / name).write_bytes(data)
+    with Service(cfg):
+        for name in junk:
+            (stage / name).rename(cfg.watch.drop_dir / name)
+        assert wait_for(lambda: "No space left" in caplog.text, 30)
+        time.sleep(3)  # the workers meet the full disk again and again
+        in_rejected = [p for p in (small_disk / "rejected").rglob("*") if p.is_file()]
+        assert not [p for p in in_rejected if p.name.endswith(".moving")]  # no partial copies
+        assert Rejection.select().count() == len(in_rejected) < len(junk)
+        assert Event.select().where(Event.outcome == "rejected").count() == len(in_rejected)
+        for p in cfg.watch.drop_dir.iterdir():
+            assert p.read_bytes() == junk[p.name]
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+        assert wait_for(lambda: Rejection.select().count() == len(junk), 60)
+    assert not list(cfg.watch.drop_dir.iterdir())
+    assert Event.select().where(Event.outcome == "rejected").count() == len(junk)
+    for r in Rejection.select():
+        assert Path(r.path).read_bytes() == junk[r.source]
     models.database.close()
 
 
@@ -82,17 +125,39 @@ def test_sqlite_locked_by_another_process_is_waited_out(tmp_path):
 
 
 def test_drop_folder_removed_and_recreated_is_watched_again(tmp_path, caplog):
+    """Deleted and made again (often with the same inode number on ext4): noticed within
+    seconds (not at the next rescan), said once each way, and watched again."""
     cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
-                      watch={"settle_seconds": 1, "rescan_seconds": 0.5})
+                      watch={"settle_seconds": 1, "rescan_seconds": 60})
     models.connect(cfg.database.url)
+    caplog.set_level(logging.INFO)
     with Service(cfg):
         write(cfg.watch.drop_dir / "before.dcm")
         assert wait_for(lambda: Instance.select().count() == 1)
         shutil.rmtree(cfg.watch.drop_dir)
         assert wait_for(lambda: "is gone" in caplog.text, 10)
         cfg.watch.drop_dir.mkdir()
+        assert wait_for(lambda: "resumed after" in caplog.text, 10)
         write(cfg.watch.drop_dir / "after.dcm")
-        assert wait_for(lambda: Instance.select().count() == 2, 20)
+        assert wait_for(lambda: Instance.select().count() == 2, 10)
+    models.database.close()
+
+
+def test_drop_folder_replaced_in_an_instant_is_watched_again(tmp_path, caplog):
+    """rm -rf and mkdir at once (ext4 often gives the new folder the old inode number): the
+    folder held open has no link left, so it is known to be another one and watched again."""
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/w.db",
+                      watch={"settle_seconds": 1, "rescan_seconds": 60})
+    models.connect(cfg.database.url)
+    caplog.set_level(logging.INFO)
+    with Service(cfg):
+        write(cfg.watch.drop_dir / "before.dcm")
+        assert wait_for(lambda: Instance.select().count() == 1)
+        shutil.rmtree(cfg.watch.drop_dir)
+        cfg.watch.drop_dir.mkdir()
+        assert wait_for(lambda: "replaced or remounted" in caplog.text, 10)
+        write(cfg.watch.drop_dir / "sub" / "after.dcm")  # in a new sub-folder: events, not a rescan
+        assert wait_for(lambda: Instance.select().count() == 2, 10)
     models.database.close()
 
 

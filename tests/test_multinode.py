@@ -1,5 +1,6 @@
 """Several watcher nodes on one PostgreSQL database: each file imported exactly once, whoever dies."""
 
+import datetime
 import os
 import signal
 import subprocess
@@ -235,3 +236,21 @@ def test_importers_inserting_the_same_patients_in_other_orders_do_not_deadlock(p
     thread.join()
     assert errors == []
     assert Instance.select().count() == 4
+
+
+def test_own_claim_orphaned_by_a_lost_connection_is_taken_back_at_once(pg_url, tmp_path):
+    """A claim whose release was lost with the database connection (a PostgreSQL restart) is
+    this process's own: the next attempt takes it back at once instead of waiting out the lease.
+    Another process's live claim, under the same node name, still blocks."""
+    models.connect(pg_url)
+    path = tmp_path / "a.dcm"
+    path.write_bytes(b"x")
+    key = os.path.abspath(path)
+    far = models.utcnow() + datetime.timedelta(hours=1)
+    models.Claim.insert(path=key, node="a", token=f"{os.getpid()}:orphan", expires_at=far).execute()
+    with claims.claim(path, "a", 60) as mine:
+        assert mine
+    models.Claim.insert(path=key, node="a", token=f"{os.getppid()}:other", expires_at=far).execute()
+    with claims.claim(path, "a", 60) as other:
+        assert not other
+    models.database.close()

@@ -10,6 +10,7 @@ study at the same moment both end up pointing at one row.
 import collections
 import contextlib
 import functools
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from peewee import __exception_wrapper__ as wrap_errors
 
 from .errors import Rejected
 from .names import to_text
-from .models import (Event, Instance, Patient, Rejection, Series, Study, database, utcnow,
+from .models import (Disc, Event, Instance, Patient, Rejection, Series, Study, database, utcnow,
                      write_transaction)
 
 LOGGER = logging.getLogger(__name__)
@@ -34,6 +35,17 @@ class InstanceRecord:
     source: str
     creator: str
     node: str
+
+
+@dataclass(frozen=True)
+class DiscRecord:
+    """One stored DICOMDIR waiting for its row: the manifest of a disc copy (watcher/discs.py)."""
+
+    stored: object  # watcher.archive.Stored
+    source: str
+    referenced: tuple  # paths relative to the drop folder
+    node: str
+    sop_instance_uid: str | None = None  # its Media Storage SOP Instance UID
 
 
 class _IdCache:
@@ -83,6 +95,39 @@ class _IdCache:
 
 
 ids = _IdCache()
+
+
+def record(records: list) -> list:
+    """Write instances and discs (inside the caller's transaction); each record's result, in order."""
+    if not any(isinstance(r, DiscRecord) for r in records):
+        return record_instances(records)
+    instances = [r for r in records if not isinstance(r, DiscRecord)]
+    of_instances = iter(record_instances(instances) if instances else [])
+    of_discs = iter([_record_disc(r) for r in records if isinstance(r, DiscRecord)])
+    return [next(of_discs) if isinstance(r, DiscRecord) else next(of_instances) for r in records]
+
+
+def _record_disc(r: DiscRecord):
+    """"dicomdir" (a new disc) or "duplicate" (these bytes came in before)."""
+    sha = r.stored.sha256
+    for attempt in range(2):  # another node may insert the same bytes at the same moment
+        first = Disc.get_or_none(Disc.sha256 == sha)
+        if first is not None:
+            Event.insert(**_event("duplicate", r.source, r.node, r.sop_instance_uid, sha, detail=(
+                f"same bytes as the DICOMDIR from {first.source} at {str(first.arrived_at)[:19]}"))).execute()
+            return "duplicate"
+        try:
+            with database.atomic():
+                now = utcnow()
+                Disc.insert(source=to_text(r.source), sha256=sha, stored_path=r.stored.relpath,
+                            size=r.stored.size, arrived_at=now, node=r.node,
+                            referenced=json.dumps(list(r.referenced), ensure_ascii=False)).execute()
+                Event.insert(**_event("dicomdir", r.source, r.node, r.sop_instance_uid, sha, at=now, detail=(
+                    f"a DICOMDIR: the index of a disc of {len(r.referenced)} files, kept"))).execute()
+            return "dicomdir"
+        except IntegrityError:
+            if attempt:
+                raise
 
 
 def record_instances(records: list) -> list:
@@ -286,4 +331,5 @@ def forget_rejection(row: int, event: int) -> None:
 
 
 def is_referenced(stored_path: str) -> bool:
-    return Instance.select().where(Instance.stored_path == stored_path).exists()
+    return (Instance.select().where(Instance.stored_path == stored_path).exists()
+            or Disc.select().where(Disc.stored_path == stored_path).exists())

@@ -41,7 +41,7 @@ def claim(path, node: str, lease_seconds: float):
     with write_transaction():
         _no_fsync_wait()
         taken = database.execute_sql(_take_sql(database.param), (
-            key, node, token, _stamp(until), _stamp(now))).fetchone()
+            key, node, token, _stamp(until), _stamp(now), f"{os.getpid()}:%")).fetchone()
     if taken is None:  # another node's claim, still within its lease
         yield False
         return
@@ -58,11 +58,14 @@ def claim(path, node: str, lease_seconds: float):
 
 
 def _take_sql(p: str) -> str:
-    """Insert the claim, or take over an expired one; returns a row only if we got it."""
+    """Insert the claim, or take over an expired one or one of this process's own (its release
+    was lost with the database connection: one process never claims a path twice at once, so
+    it is an orphan); returns a row only if we got it."""
     return (f'INSERT INTO "claim" ("path", "node", "token", "expires_at") VALUES ({p}, {p}, {p}, {p}) '
             'ON CONFLICT ("path") DO UPDATE SET "node" = excluded."node", '
             '"token" = excluded."token", "expires_at" = excluded."expires_at" '
-            f'WHERE "claim"."expires_at" < {p} RETURNING "token"')
+            f'WHERE "claim"."expires_at" < {p} OR ("claim"."node" = excluded."node" '
+            f'AND "claim"."token" LIKE {p}) RETURNING "token"')
 
 
 def _stamp(moment):

@@ -2,14 +2,15 @@
 
 import contextlib
 import json
-import logging
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from . import models, report, retrieve, runlock
+from . import logs, models, report, retrieve, runlock
 from . import verify as verifying
+from . import discs as disc_copies
 from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Unavailable
 
@@ -35,13 +36,17 @@ def _importing(config, what: str, create: bool):
         lock.__exit__(None, None, None)
 
 
-def _open(config_path):
+def _open(config_path, read_only: bool = False):
+    """The config and the database; ``read_only`` for commands that only look: they work for a
+    user who may only read the database, never create or migrate it, never wait for a lock."""
     try:
         config = from_env_or(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        models.connect(config.database.url)
+        models.connect(config.database.url, readonly=read_only)
+    except models.NotReady as exc:
+        raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(f"cannot open the database {config.database.url}: {exc}") from None
     return config
@@ -51,20 +56,37 @@ def _print_json(value) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
+class _Progress:
+    """``scan`` on a terminal: one line, rewritten at most 5 times a second."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.started = self.shown = time.monotonic()
+        self.width = 0
+
+    def __call__(self, done: int, found: int, waiting: str) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2 and not waiting:
+            return
+        self.shown = now
+        rate = done / (now - self.started) if now > self.started else 0.0
+        line = f"{done:,} of {found:,} files done ({rate:,.0f}/s)" + (f"; waiting for {waiting}" if waiting else "")
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More log lines (repeat for more).")
+@click.option("-v", "--verbose", count=True, help="More log lines: -v the pipeline's, -vv also SQL.")
 @click.option("-q", "--quiet", count=True, help="Fewer log lines.")
 @click.version_option(package_name="dicom-watcher")
 def cli(verbose, quiet):
     """Import DICOM files from a drop folder into the Import database."""
-    _setup_logging(verbose, quiet)
+    logs.setup(verbose, quiet)
 
 
 @cli.command()
@@ -73,24 +95,35 @@ def cli(verbose, quiet):
               help="The folder is at rest: reject incomplete files once settled, "
                    "instead of leaving them pending for incomplete_seconds.")
 @create_option
-def scan(config_path, final, create):
+@json_option
+def scan(config_path, final, create, as_json):
     """Process everything in the drop folder now, then exit.
 
-    Refused while a service (or another scan) imports into the same database.
-    Exits 1 when a file's outcome was recorded but it could not be removed or moved
-    (each is named). Example: dicom-watcher scan --config etc/watcher.toml
+    On a terminal it shows its progress and what it waits for. Refused while a
+    service (or another scan) imports into the same database. Exits 1 when a file's
+    outcome was recorded but it could not be removed or moved (each is named).
+    Example: dicom-watcher scan --config etc/watcher.toml --final --json
     """
     from .sweep import sweep
     config = _open(config_path)
+    progress = _Progress() if sys.stderr.isatty() else None
     with _importing(config, "scan", create):
         try:
-            counts = sweep(config, final=final)
+            counts = sweep(config, final=final, progress=progress)
         except Unavailable as exc:
             raise click.ClickException(f"stopped, files left in place: {exc}") from None
-    click.echo("imported {imported}, duplicates {duplicate}, dicomdir {dicomdir}, rejected "
-               "{rejected}, pending {pending}".format(**{k: counts.get(k, 0) for k in (
-                   "imported", "duplicate", "dicomdir", "rejected", "pending")}))
-    stuck = counts["undisposed"]
+        finally:
+            if progress:
+                progress.close()
+    stuck = counts.pop("undisposed")
+    summary = {k: counts.get(k, 0) for k in ("imported", "duplicate", "dicomdir", "rejected", "conflict",
+                                             "pending")}
+    summary.update({k: v for k, v in counts.items() if k not in summary}, undisposed=stuck)
+    if as_json:
+        _print_json(summary)
+    else:
+        click.echo("imported {imported}, duplicates {duplicate}, dicomdir {dicomdir}, rejected "
+                   "{rejected}, pending {pending}".format(**summary))
     if stuck:
         for source, error in sorted(stuck.items()):
             click.echo(f"  left in the drop folder: {source}: {error}", err=True)
@@ -121,23 +154,54 @@ def run(config_path, create):
 @cli.command()
 @config_option
 @json_option
-def status(config_path, as_json):
-    """Counts, and each watcher node's heartbeat.
+@click.option("--check", is_flag=True, help="For monitors: exit 0 only if a service reported "
+              "lately and the database and archive are usable; else exit 1 saying why.")
+def status(config_path, as_json, check):
+    """Counts, each watcher node's heartbeat, and the files still waiting, by state.
 
-    Example: dicom-watcher status --json
+    Example: dicom-watcher status --json; dicom-watcher status --check
     """
-    _open(config_path)
+    config = _open(config_path, read_only=True)
+    if check:
+        ok, why = report.health(config)
+        click.echo(why)
+        sys.exit(0 if ok else 1)
     result = report.status()
+    result["pending"] = report.pending_counts(report.pending(config))
     if as_json:
         return _print_json(result)
     click.echo("patients {patients}  studies {studies}  series {series}  instances {instances}  "
                "rejected {rejected}  last import {last_import}".format(**result))
     for n in result["nodes"]:
-        click.echo(f"node {n['node']} ({n['host']}, pid {n['pid']}): {n['state']}, last seen "
+        state = f"paused ({n['outage']}, since {n['outage_since']})" if n["state"] == "paused" else n["state"]
+        click.echo(f"node {n['node']} ({n['host']}, pid {n['pid']}): {state}, last seen "
                    f"{n['seconds_since_seen']} s ago, queue {n['queue_depth']}, "
                    f"in flight {n['in_flight']}, last rescan {n['last_rescan']}")
     if not result["nodes"]:
         click.echo("no watcher service has reported yet")
+    waiting = {k: v for k, v in result["pending"].items() if v}
+    click.echo("pending: " + (", ".join(f"{k} {v}" for k, v in waiting.items()) or "none")
+               + ("  (dicom-watcher pending: which files, and why)" if waiting else ""))
+
+
+@cli.command()
+@config_option
+@json_option
+def pending(config_path, as_json):
+    """Every file in the drop folder without an outcome yet, its state and why.
+
+    States: settling, queued, incomplete, open-for-writing, changing, ignored, claimed,
+    retrying, cannot-dispose. Example: dicom-watcher pending --json
+    """
+    config = _open(config_path, read_only=True)
+    rows = report.pending(config)
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        when = f" (next attempt {r['next_attempt']})" if r["next_attempt"] else ""
+        click.echo(f"{r['state']:<16} {r['path']}\n    {r['detail']}{when}")
+    counts = {k: v for k, v in report.pending_counts(rows).items() if v}
+    click.echo(f"{len(rows)} pending" + (": " + ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else ""))
 
 
 @cli.command("list")
@@ -149,7 +213,7 @@ def list_(config_path, as_json, limit):
 
     Example: dicom-watcher list --json --limit 10
     """
-    config = _open(config_path)
+    config = _open(config_path, read_only=True)
     rows = report.instances(config.archive.dir, limit)
     if as_json:
         return _print_json(rows)
@@ -177,7 +241,7 @@ def rejects(config_path, as_json):
 
     Example: dicom-watcher rejects
     """
-    _open(config_path)
+    _open(config_path, read_only=True)
     rows = report.rejects()
     if as_json:
         return _print_json(rows)
@@ -187,22 +251,41 @@ def rejects(config_path, as_json):
     click.echo(f"{len(rows)} rejected")
 
 
+def _since(ctx, param, value):
+    try:
+        return None if value is None else report.parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @config_option
 @json_option
-@click.option("--limit", type=int, default=100, show_default=True)
-def history(config_path, as_json, limit):
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many lines (default: all with --json, else the newest 100).")
+@click.option("--since", callback=_since, metavar="WHEN",
+              help="Only lines since WHEN: 2024-05-01, 2024-05-01T13:30 (UTC unless a zone "
+                   "is given), or an age: 30m, 2h, 3d, 1w.")
+@click.option("--outcome", "outcomes", multiple=True, type=click.Choice(report.OUTCOMES),
+              help="Only lines with this outcome (repeatable).")
+def history(config_path, as_json, limit, since, outcomes):
     """What happened to every file, newest first.
 
-    Example: dicom-watcher history --limit 20
+    Example: dicom-watcher history --since 2h --outcome rejected
     """
-    _open(config_path)
-    rows = report.history(limit)
+    _open(config_path, read_only=True)
+    shown = limit or (None if as_json else 100)
+    rows = report.history(shown, since, outcomes)
     if as_json:
         return _print_json(rows)
     for r in rows:
         why = f"  {r['reason']}: {r['detail']}" if r["reason"] else ""
         click.echo(f"{r['at']}  {r['outcome']:<9} {r['source']}  {r['sop_instance_uid'] or ''}{why}")
+    more = report.history_count(since, outcomes) - len(rows) if len(rows) == shown else 0
+    if more:
+        click.echo(f"… {more:,} older events not shown; --limit N or --json for all")
+    elif not rows:
+        click.echo("no events" + (" match" if since or outcomes else " yet"))
 
 
 @cli.command()
@@ -215,7 +298,7 @@ def verify(config_path, as_json, repair):
 
     Exits 1 when a row's file is missing or differs. Example: dicom-watcher verify
     """
-    config = _open(config_path)
+    config = _open(config_path, read_only=not repair)
     found = verifying.verify(config.archive.dir)
     removed = verifying.repair(config.archive.dir, found) if repair else []
     if as_json:
@@ -232,14 +315,17 @@ def verify(config_path, as_json, repair):
 
 @cli.command()
 @config_option
+@json_option
 @click.argument("sources", nargs=-1)
-def retry(config_path, sources):
+def retry(config_path, sources, as_json):
     """Put rejected files back into the drop folder (all, or those named by source).
 
     Example: dicom-watcher retry cdrom/DICOM/IMG0001
     """
     config = _open(config_path)
     moved = retrieve.retry(config, sources)
+    if as_json:
+        return _print_json({"put_back": len(moved), "sources": moved})
     for source in moved:
         click.echo(f"back in the drop folder: {source}")
     click.echo(f"{len(moved)} files put back")
@@ -249,16 +335,46 @@ def retry(config_path, sources):
 @config_option
 @click.argument("uid")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-def export(config_path, uid, dest):
+@json_option
+def export(config_path, uid, dest, as_json):
     """Copy the originals of an instance, series, study or patient (UID or Patient ID) to DEST.
 
     Example: dicom-watcher export 1.2.826.0.1.3680043.8.498.1 /tmp/out
     """
-    config = _open(config_path)
+    config = _open(config_path, read_only=True)
     try:
         written = retrieve.export(config, uid, dest)
     except retrieve.ExportError as exc:
         raise click.ClickException(str(exc)) from None
     if not written:
         raise click.ClickException(f"nothing matches {uid!r}")
+    if as_json:
+        return _print_json({"copied": len(written), "dest": str(dest), "files": [str(p) for p in written]})
     click.echo(f"{len(written)} files copied to {dest}")
+
+
+@cli.command()
+@config_option
+@json_option
+def discs(config_path, as_json):
+    """Each disc copied in (its DICOMDIR): the files it lists, which arrived, which are missing.
+
+    Files still in the drop folder are waiting, not missing.
+
+    Example: dicom-watcher discs --json
+    """
+    config = _open(config_path, read_only=True)
+    rows = disc_copies.report(config)
+    if as_json:
+        _print_json(rows)
+        return
+    for d in rows:
+        state = "complete" if d["complete"] else "INCOMPLETE"
+        click.echo(f"{d['source']}  {state}  arrived {d['arrived_at']}  sha256 {d['sha256']}")
+        click.echo(f"  referenced {d['referenced']}, arrived {d['arrived']}, waiting {len(d['waiting'])}, "
+                   f"missing {len(d['missing'])}")
+        for kind in ("waiting", "missing"):
+            for path in d[kind]:
+                click.echo(f"  {kind}: {path}")
+    if not rows:
+        click.echo("no discs")

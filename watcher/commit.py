@@ -15,7 +15,7 @@ LOGGER = logging.getLogger(__name__)
 
 
 def commit_now(record):
-    """Commit one instance record now; its outcome, or raise its rejection."""
+    """Commit one record (an instance's or a disc's) now; its outcome, or raise its rejection."""
     result = commit_all([record])[0]
     if isinstance(result, Exception):
         raise result
@@ -23,7 +23,8 @@ def commit_now(record):
 
 
 def commit_all(records: list) -> list:
-    """Commit ``records`` together; for each, "imported", "duplicate" or the exception it met.
+    """Commit ``records`` together; for each, "imported" (or "dicomdir"), "duplicate" or the
+    exception it met.
 
     When the transaction fails, nothing of it is committed and every record gets the error.
     """
@@ -31,7 +32,7 @@ def commit_all(records: list) -> list:
         for folder in {r.stored.folder for r in records}:
             archive.fsync_dir(folder)
         with catalog.ids.batch(), models.write_transaction():
-            return catalog.record_instances(records)
+            return catalog.record(records)
     except Exception as exc:
         LOGGER.debug("commit of %d failed: %s", len(records), exc)
         models.reset_connection()

@@ -67,13 +67,33 @@ REQUIRED = {"watch": {"drop_dir"}, "archive": {"dir", "rejected_dir"}}
 def load(path: str | os.PathLike) -> Config:
     path = Path(path).resolve()
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; name the TOML file in it") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(_text(raw, path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return from_dict(data, base=path.parent, path=path)
+
+
+def _text(raw: bytes, path: Path) -> str:
+    """TOML is UTF-8 (a leading byte-order mark, as some editors write, is allowed)."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"config file {path} is UTF-16, not UTF-8: save it as UTF-8")
+    if b"\x00" in raw:
+        raise ConfigError(f"config file {path} is not UTF-8 text (it has NUL bytes: UTF-16 "
+                          "without a byte-order mark?): save it as UTF-8")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (line {line}): save it as "
+                          "UTF-8") from None
 
 
 def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
@@ -82,6 +102,8 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]; known: {', '.join(SECTIONS)}")
     sections = {}
     for name, cls in SECTIONS.items():
+        if not isinstance(data.get(name, {}), dict):
+            raise ConfigError(f"{name} must be a section ([{name}]), not a value")
         sections[name] = _section(name, cls, dict(data.get(name, {})), base)
     config = Config(sections["watch"], sections["archive"], sections["database"],
                     sections["import"], path)

@@ -2,6 +2,7 @@
 watchdog events (when to look). The event handler only hands paths on.
 """
 
+import errno
 import fnmatch
 import functools
 import logging
@@ -27,6 +28,21 @@ def _matcher(patterns: tuple):
 
 def is_ignored(name: str, patterns) -> bool:
     return _matcher(tuple(patterns))(name) is not None
+
+
+def ignored_by(rel: str, patterns) -> str | None:
+    """The ignore pattern that hides ``rel`` (a path relative to the drop folder: the file's
+    name or one of its folders' names matches it), or None."""
+    for part in rel.split("/"):
+        if is_ignored(part, patterns):
+            return next(p for p in patterns if is_ignored(part, (p,)))
+    return None
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """The first bytes of a file: a Part 10 preamble and ``DICM``, or a bare dataset that starts
+    with a group 0008 element (as validate.py accepts it)."""
+    return head[128:132] == b"DICM" or head[:2] == b"\x08\x00"
 
 
 def scan(drop_dir: Path, ignore=(), under: str = ""):
@@ -181,3 +197,42 @@ def _pair_moves_by_cookie() -> bool:
 
 UNPAIRED_MOVE_SECONDS = 0.05
 MOVES_PAIRED_BY_COOKIE = _pair_moves_by_cookie()
+
+
+WATCH_FAILURES: set = set()  # callables (folder: bytes, exc: OSError) told of a watch the kernel refused
+
+
+def _report_refused_watches() -> bool:
+    """Tell WATCH_FAILURES when the kernel refuses a watch for lack of watches or instances.
+
+    watchdog 7 swallows the OSError of every sub-folder's watch it cannot add
+    (only the root's reaches the caller), so a drop folder past
+    ``fs.inotify.max_user_watches`` silently loses the events of its newer
+    folders. The error still passes through ``InotifyFD.add_callback``: note it
+    there and let watchdog go on as it does. Applied only when watchdog has the
+    shape this was written against.
+    """
+    try:
+        from watchdog.observers.inotify_c import InotifyFD
+    except ImportError:  # not Linux
+        return False
+    original = getattr(InotifyFD, "add_callback", None)
+    if original is None or getattr(original, "_reports_refusals", False):
+        return False
+
+    @functools.wraps(original)
+    def add_callback(self, path, *args, **kwargs):
+        try:
+            return original(self, path, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENOMEM):
+                for tell in list(WATCH_FAILURES):
+                    tell(path, exc)
+            raise
+
+    add_callback._reports_refusals = True
+    InotifyFD.add_callback = add_callback
+    return True
+
+
+REPORTS_REFUSED_WATCHES = _report_refused_watches()

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 from . import beneath
-from .archive import fsync_dir
 
 PRIVATE = ".dw~"  # names of our own captures; the scanner never looks at them
 LOCK = ".rejecting"  # in the archive folder; see one_at_a_time()
@@ -228,7 +227,7 @@ def prune_empty_dirs(drop_dir: Path, quiet_seconds: float, now: float | None = N
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
                     continue
-                if now - max(st.st_mtime, st.st_ctime) >= quiet_seconds:
+                if quiet_seconds <= 0 or now - max(st.st_mtime, st.st_ctime) >= quiet_seconds:
                     os.rmdir(name, dir_fd=fd)
                 else:
                     young += 1

@@ -38,8 +38,9 @@ class Busy(NotReady):
     Never turned into a rejection, however long it lasts: rejecting a file that is
     still being written would take it away from its writer."""
 
-    def __init__(self, detail: str):
+    def __init__(self, detail: str, state: str = "open-for-writing"):
         super().__init__(detail, reason="truncated")
+        self.state = state  # open-for-writing, or changing (written to while we read it)
 
 
 class CannotDispose(Exception):

@@ -8,10 +8,11 @@ The schema is built by the numbered migrations in ``migrations/``.
 import datetime
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 from peewee import (AutoField, BigIntegerField, CharField, DatabaseProxy, DateTimeField,
-                    ForeignKeyField, IntegerField, Model, PostgresqlDatabase, SqliteDatabase,
-                    TextField)
+                    ForeignKeyField, IntegerField, Model, OperationalError, PostgresqlDatabase,
+                    SqliteDatabase, TextField)
 from playhouse import db_url
 from playhouse.migrations import Runner
 
@@ -119,6 +120,8 @@ class Heartbeat(BaseModel):
     queue_depth = IntegerField(default=0)
     in_flight = IntegerField(default=0)
     state = CharField(max_length=32, default="running")
+    outage = TextField(default="")  # why the node is paused (database or archive unavailable)
+    outage_since = DateTimeField(null=True)
 
 
 class Claim(BaseModel):
@@ -130,7 +133,37 @@ class Claim(BaseModel):
     expires_at = DateTimeField()
 
 
-MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim]
+class Waiting(BaseModel):
+    """A file a node holds back, and why; the node rewrites its rows with every heartbeat."""
+
+    node = CharField(max_length=255)
+    path = TextField()  # relative to watch.drop_dir
+    state = CharField(max_length=32)  # incomplete, open-for-writing, retrying, cannot-dispose
+    detail = TextField(default="")
+    since = DateTimeField()
+    next_attempt = DateTimeField(null=True)
+
+    class Meta:
+        primary_key = False
+        indexes = ((("node", "path"), True),)
+
+
+class Disc(BaseModel):
+    """A DICOMDIR that came in: kept like an original, and the manifest of its disc copy."""
+
+    id = AutoField()
+    source = TextField()  # relative to watch.drop_dir
+    sha256 = CharField(max_length=64, unique=True)
+    stored_path = TextField()  # relative to archive.dir
+    size = BigIntegerField()
+    arrived_at = DateTimeField(default=utcnow, index=True)
+    node = CharField(max_length=255)
+    referenced = TextField(default="[]")  # JSON list of paths relative to watch.drop_dir
+    warned_at = DateTimeField(null=True)  # when the WARNING about its missing files was logged
+    complete_at = DateTimeField(null=True)  # when the periodic check found it complete (not checked again)
+
+
+MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc]
 
 
 def is_shared() -> bool:
@@ -158,10 +191,24 @@ def write_transaction():
     return database.atomic()
 
 
-def connect(url: str, migrate: bool = True):
-    """Open the database named by ``url``, bring its schema up to date, bind the models."""
+class NotReady(Exception):
+    """The database a read-only command asked for is not there yet, or its schema is older
+    than this code (a read-only command never creates or migrates it); the message says why."""
+
+
+def connect(url: str, migrate: bool = True, readonly: bool = False):
+    """Open the database named by ``url``, bring its schema up to date, bind the models.
+
+    ``readonly``: for commands that only look. Never creates the database, never migrates,
+    never takes a write lock (so a stalled service cannot block it); raises ``NotReady``
+    when there is no database yet or its schema is behind the code."""
     if url.startswith("postgres://") or url.startswith("postgresql://"):
         url = "psycopg3://" + url.split("://", 1)[1]
+    if readonly:
+        db = _open_readonly(url)
+        database.initialize(db)
+        _check_schema(db, url)
+        return db
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         db = db_url.connect(url, pragmas={"journal_mode": "wal", "synchronous": "full",
@@ -189,6 +236,50 @@ def _migrate(db) -> None:
             applied = runner.up()
     for name in applied:
         LOGGER.info("database migrated: %s", name)
+
+
+def _open_readonly(url: str):
+    if not url.startswith("sqlite:///"):
+        # every transaction read-only: a bug that writes fails instead of writing
+        return db_url.connect(url, options="-c default_transaction_read_only=on")
+    path = url[len("sqlite:///"):]
+    if not Path(path).is_file():
+        raise NotReady(f"no database at {path}: has the service run yet? (dicom-watcher run "
+                       "creates it; read-only commands never do)")
+    # mode=ro reads a WAL database only if its -shm and -wal files exist or can be created;
+    # a user who may not write the folder cannot create them. Without a -wal file no one has
+    # the database open and everything is in the main file, which immutable=1 reads as is.
+    uri = "file:" + quote(path) + "?mode=ro"
+    try:
+        return _sqlite_readonly(uri)
+    except OperationalError as exc:
+        if Path(path + "-wal").exists():
+            raise OperationalError(f"{exc} (a service has it open or stopped uncleanly: this user "
+                                   f"must be able to read {path}-wal and {path}-shm)") from None
+        return _sqlite_readonly(uri + "&immutable=1")
+
+
+def _sqlite_readonly(uri: str):
+    db = SqliteDatabase(uri, uri=True, timeout=5,
+                        pragmas={"query_only": 1, "foreign_keys": 1, "busy_timeout": 5000})
+    try:
+        db.execute_sql("SELECT count(*) FROM sqlite_master")  # opens it: fails here, not later
+    except OperationalError:
+        db.close()
+        raise
+    return db
+
+
+def _check_schema(db, url: str) -> None:
+    status = Runner(db, str(MIGRATIONS)).status()
+    if not any(m.applied for m in status):
+        where = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url.split("@")[-1]
+        raise NotReady(f"no dicom-watcher tables in the database {where}: has the service run yet?")
+    behind = [m.name for m in status if m.applied is None and m.path is not None]
+    if behind:
+        raise NotReady(f"the database schema is older than this dicom-watcher ({', '.join(behind)} "
+                       "not applied): start the service (dicom-watcher run) or run "
+                       "dicom-watcher scan once, which bring it up to date")
 
 
 __all__ = ["database", "connect", "utcnow"] + [m.__name__ for m in MODELS]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import peewee
 
-from . import archive, beneath, catalog, claims, dispose, stage
+from . import archive, beneath, catalog, claims, discs, dispose, stage
 from .commit import commit_all, commit_now
 from .config import Config
 from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
@@ -30,7 +30,8 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    outcome: str  # imported, duplicate, dicomdir, rejected, pending, retry, claimed, vanished
+    outcome: str  # imported, duplicate, dicomdir (a disc's index, kept), rejected, pending, retry,
+    #               claimed, vanished
     source: str
     sop_instance_uid: str | None = None
     sha256: str | None = None
@@ -39,6 +40,7 @@ class Outcome:
     ms: float = 0.0
     undisposed: str = ""  # recorded, but the file could not be removed or moved: the error
     again: bool = False  # the name now holds another version (or a writer waits): look again
+    waiting: str = ""  # why a pending file waits: incomplete, open-for-writing, changing, cannot-dispose
 
 
 def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
@@ -125,7 +127,7 @@ def ingesting(path: Path, config: Config, final: bool = False, attempt: int = 1)
             else:
                 outcome = Outcome("claimed", rel, detail="another node is importing it")
     except CannotDispose as exc:
-        outcome = Outcome("pending", rel, detail=str(exc), undisposed=str(exc))
+        outcome = Outcome("pending", rel, detail=str(exc), undisposed=str(exc), waiting="cannot-dispose")
     except Exception as exc:  # the decision itself could not be carried out
         if _is_unavailable(exc):
             raise Unavailable(str(exc)) from exc
@@ -143,7 +145,7 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
     try:
         source = Source(config.watch.drop_dir, rel)
     except Busy as exc:
-        return Outcome("pending", rel, detail=exc.detail)
+        return Outcome("pending", rel, detail=exc.detail, waiting=exc.state)
     except Rejected as exc:  # a link, a FIFO, a file we may not read: moved as it is
         return _reject(None, rel, exc.reason, exc.detail, config)
     except (FileNotFoundError, IsADirectoryError, beneath.Outside):
@@ -155,8 +157,10 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
         except Rejected as exc:
             return _reject(source, rel, exc.reason, exc.detail, config)
         except NotReady as exc:
-            if not final or isinstance(exc, Busy):
-                return Outcome("pending", rel, detail=exc.detail)
+            if isinstance(exc, Busy):
+                return Outcome("pending", rel, detail=exc.detail, waiting=exc.state)
+            if not final:
+                return Outcome("pending", rel, detail=exc.detail, waiting="incomplete")
             detail = f"{exc.detail}; it has not changed since"
             return _reject(source, rel, exc.reason, detail, config)
         except Exception as exc:
@@ -172,16 +176,20 @@ def _ingest(source: Source, rel: str, config: Config):
     node, creator = config.import_.node, config.import_.creator
     staged = stage.prepare(source, config.archive.dir)
     info, stored = staged.info, staged.stored
+    if stored is not None:
+        LOGGER.debug("%s: valid %s, stored as %s (%d bytes); recording it", to_text(rel),
+                     "DICOMDIR" if info.is_dicomdir else info.sop_instance_uid, stored.relpath, source.size)
     try:
         if staged.changed:
-            raise Busy("the file changed while it was being imported: looking again when it is quiet")
-        if info.is_dicomdir:
-            catalog.record_event("dicomdir", rel, node, info.sop_instance_uid or None,
-                                 detail="a DICOMDIR: the index of a disc, not an instance")
-            outcome = Outcome("dicomdir", rel, info.sop_instance_uid or None)
+            raise Busy("the file changed while it was being imported: looking again when it is quiet",
+                       state="changing")
+        if info.is_dicomdir:  # kept like an original; never an instance; the manifest of its disc
+            listed = discs.references(config.archive.dir / stored.relpath, to_text(rel))
+            record = catalog.DiscRecord(stored, rel, listed, node, info.sop_instance_uid or None)
         else:
-            result = yield catalog.InstanceRecord(info, stored, rel, creator, node)
-            outcome = Outcome(result, rel, info.sop_instance_uid, stored.sha256)
+            record = catalog.InstanceRecord(info, stored, rel, creator, node)
+        result = yield record
+        outcome = Outcome(result, rel, info.sop_instance_uid or None, stored.sha256)
     except (Rejected, NotReady):
         _discard(stored, config)
         raise

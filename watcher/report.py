@@ -4,11 +4,32 @@ import datetime
 
 from peewee import fn
 
-from .models import Event, Heartbeat, Instance, Patient, Rejection, Series, Study, utcnow
+import os
+import re
+import time
+
+from . import detect, settle
+from .models import Claim, Event, Heartbeat, Instance, Patient, Rejection, Series, Study, Waiting, utcnow
+from .names import to_text
+
+STALE_HEARTBEATS = 3  # a node silent for this many heartbeat intervals is not responding
+HEARTBEAT_SECONDS = 5.0  # (watcher/service.py sends one this often)
+PENDING_STATES = ("settling", "queued", "incomplete", "open-for-writing", "changing", "ignored",
+                  "claimed", "retrying", "cannot-dispose")
 
 
 def iso(t: datetime.datetime | None) -> str | None:
     return None if t is None else t.replace(tzinfo=datetime.timezone.utc).isoformat()
+
+
+def node_state(h, now) -> str:
+    """running, paused (an outage), stopped, or not responding (a heartbeat older than
+    STALE_HEARTBEATS intervals)."""
+    if h.state == "running" and (now - h.last_seen).total_seconds() > STALE_HEARTBEATS * HEARTBEAT_SECONDS:
+        return "not responding"
+    if h.state == "running" and h.outage:
+        return "paused"
+    return h.state
 
 
 def status() -> dict:
@@ -21,11 +42,12 @@ def status() -> dict:
         "bytes": int(Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar()),
         "rejected": Rejection.select().count(),
         "last_import": iso(Instance.select(fn.MAX(Instance.imported_at)).scalar()),
-        "nodes": [{"node": h.node, "host": h.host, "pid": h.pid, "state": h.state,
+        "nodes": [{"node": h.node, "host": h.host, "pid": h.pid, "state": node_state(h, now),
                    "started_at": iso(h.started_at), "last_seen": iso(h.last_seen),
                    "seconds_since_seen": round((now - h.last_seen).total_seconds(), 1),
                    "last_rescan": iso(h.last_rescan), "queue_depth": h.queue_depth,
-                   "in_flight": h.in_flight}
+                   "in_flight": h.in_flight, "outage": h.outage or None,
+                   "outage_since": iso(h.outage_since)}
                   for h in Heartbeat.select().order_by(Heartbeat.node)],
     }
 
@@ -59,8 +81,110 @@ def rejects() -> list[dict]:
             for r in Rejection.select().order_by(Rejection.rejected_at, Rejection.id)]
 
 
-def history(limit=None) -> list[dict]:
-    query = Event.select().order_by(Event.at.desc(), Event.id.desc()).limit(limit)
+# what a history line can say happened to a file (why a file was rejected is its reason)
+OUTCOMES = ("imported", "duplicate", "dicomdir", "rejected", "retried")
+_AGE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime.datetime | None = None) -> datetime.datetime:
+    """``2024-05-01``, ``2024-05-01T13:30`` (UTC unless it names a zone) or an age (``30m``,
+    ``2h``, ``3d``, ``1w``), as the naive UTC time history rows are stored in."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        return (now or utcnow()) - datetime.timedelta(**{_UNITS[age[2]]: int(age[1])})
+    try:
+        t = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO date or date-time (2024-05-01, "
+                         "2024-05-01T13:30, UTC unless a zone is given) nor an age "
+                         "(30m, 2h, 3d, 1w)") from None
+    return t if t.tzinfo is None else t.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _events(since=None, outcomes=()):
+    query = Event.select()
+    if since is not None:
+        query = query.where(Event.at >= since)
+    if outcomes:
+        query = query.where(Event.outcome.in_(list(outcomes)))
+    return query
+
+
+def history(limit=None, since=None, outcomes=()) -> list[dict]:
+    """History lines, newest first: all of them, or the newest ``limit``."""
+    query = _events(since, outcomes).order_by(Event.at.desc(), Event.id.desc()).limit(limit)
     return [{"at": iso(e.at), "outcome": e.outcome, "source": e.source,
              "sop_instance_uid": e.sop_instance_uid, "sha256": e.sha256, "reason": e.reason,
              "detail": e.detail, "node": e.node} for e in query]
+
+
+def history_count(since=None, outcomes=()) -> int:
+    return _events(since, outcomes).count()
+
+
+def pending(config) -> list[dict]:
+    """Every regular file (or link, FIFO…) in the drop folder without an outcome yet, and why.
+
+    What the service holds back (incomplete, open for writing, retrying, cannot be
+    removed) comes from the rows its nodes write with their heartbeats; what is
+    ignored, claimed by another node, still settling or simply queued is seen here.
+    """
+    w = config.watch
+    held = {r.path: r for r in Waiting.select()}
+    claimed = {c.path: c for c in Claim.select()}
+    now, rows = time.time(), []
+    for path, st in detect.scan(w.drop_dir, ()):
+        rel = to_text(os.path.relpath(path, w.drop_dir))
+        row = {"path": rel, "size": st.st_size, "state": "", "detail": "", "since": None,
+               "next_attempt": None, "node": None}
+        pattern = detect.ignored_by(rel, w.ignore)
+        if pattern is not None:
+            row.update(state="ignored", detail=f"matches the ignore pattern {pattern!r}; rename it to import it")
+        elif rel in held:
+            r = held[rel]
+            row.update(state=r.state, detail=r.detail, since=iso(r.since), next_attempt=iso(r.next_attempt),
+                       node=r.node)
+        elif to_text(str(path)) in claimed:
+            c = claimed[to_text(str(path))]
+            row.update(state="claimed", detail=f"being imported by node {c.node}", node=c.node,
+                       next_attempt=iso(c.expires_at))
+        elif settle.quiet_seconds(st, now) < w.settle_seconds:
+            row.update(state="settling", detail=f"written to less than {w.settle_seconds:g} s ago")
+        else:
+            row.update(state="queued", detail="due: waiting for its turn (or for a service to run)")
+        rows.append(row)
+    return rows
+
+
+def pending_counts(rows: list[dict]) -> dict:
+    counts = dict.fromkeys(PENDING_STATES, 0)
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return counts
+
+
+def health(config) -> tuple[bool, str]:
+    """The check for monitors (``status --check``): a service on this database has reported
+    lately, and its archive is there with room. (Reaching here, the database answered.)"""
+    now = utcnow()
+    nodes = list(Heartbeat.select())
+    paused = [h for h in nodes if node_state(h, now) == "paused"]
+    if paused:
+        return False, f"node {paused[0].node} is paused since {iso(paused[0].outage_since)}: {paused[0].outage}"
+    alive = [h for h in nodes if node_state(h, now) == "running"]
+    if not alive:
+        if not nodes:
+            return False, "no watcher service has reported on this database yet"
+        last = max(nodes, key=lambda h: h.last_seen)
+        return False, (f"no watcher service is running: node {last.node} is {node_state(last, now)}, "
+                       f"last seen {round((now - last.last_seen).total_seconds())} s ago")
+    archive = config.archive.dir
+    try:
+        fs = os.statvfs(archive)
+    except OSError as exc:
+        return False, f"the archive {archive} is not usable: {exc.strerror}"
+    if fs.f_bavail * fs.f_frsize < (16 << 20):
+        return False, f"the archive {archive} is full ({fs.f_bavail * fs.f_frsize} bytes free)"
+    names = ", ".join(h.node for h in alive)
+    return True, f"ok: {len(alive)} importer(s) running ({names}); archive has {fs.f_bavail * fs.f_frsize >> 20} MiB free"

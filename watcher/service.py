@@ -17,6 +17,7 @@ threads share one core, processes do not.
 import collections
 import ctypes
 import datetime
+import errno
 import logging
 import os
 import signal
@@ -25,16 +26,20 @@ import stat
 import threading
 import time
 import zlib
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import archive, beneath, claims, detect, dispose, models, settle
+from . import archive, beneath, claims, detect, dispose, logs, models, settle, systemd
 from .config import Config
+from .discs import warn_incomplete
 from .errors import Unavailable
+from .names import to_text
 from .pipeline import dispose_recorded, ingest_together
 from .schedule import Schedule
+from .troubles import Troubles
 
 LOGGER = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
@@ -44,6 +49,11 @@ MAX_QUEUED = 10_000  # paths queued at once; a larger backlog is rescanned in sl
 CLAIMED_RETRY_SECONDS = 5.0  # another node holds the file: look again (it is gone by then, usually)
 BATCH = 64  # files a worker takes at once, when that many are due: one commit for all
 DISPOSE_RETRY_SECONDS = 60.0  # a file that cannot be removed or moved: look again this often
+WAITING_ROWS = 10_000  # held-back files a node shows in the database at most
+WATCH_RETRY_SECONDS = 5.0  # watches missing (the kernel's limit): try to set them up this often
+STALLED_SECONDS = 30.0
+IGNORED_CHECK_SECONDS = 3600.0  # how often ignored files are looked at for DICOM content
+IGNORED_WARN_SECONDS = 86400.0  # an ignored file that looks like DICOM, in the folder this long: WARNING  # a batch that has not committed after this long is reported as stalled
 
 
 class Service:
@@ -65,9 +75,12 @@ class Service:
         self.done_at: dict = {}  # path -> when (wall) a writer closed it or it was renamed in
         self.undisposed: dict = {}  # path -> (signature, Outcome): recorded, not yet removed
         self.warned: dict = {}  # path -> the disposal error already logged for it
+        self.waiting: dict = {}  # path -> (state, detail, since, next attempt): held back, and why
+        self._waiting_changed = False
         self.attempts = collections.Counter()
         self.counts = collections.Counter()
         self.stopping = threading.Event()
+        self._pause_lock = threading.Lock()
         self.started_at = models.utcnow()
         self.last_rescan = None
         self._drop_identity = None
@@ -75,10 +88,17 @@ class Service:
         self._scheduler = None
         self._workers = []
         self._pause = 1.0
+        self._backed_off_at = None  # (monotonic) when the pause last began, during an outage
+        self.troubles = Troubles(self.heartbeat_soon)  # what pauses this node, since when (status shows it)
+        self._busy_since: dict = {}  # worker thread -> when (monotonic) its current batch began
+        self._drop_fd = None  # the watched drop folder, held open: a replaced one has no links
+        self._ignored_warned: set = set()
         self._more_to_scan = False
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Service":
+        logs.name_process(self.node)
+        self.config.archive.dir.mkdir(parents=True, exist_ok=True)  # (status --check looks at it)
         claims.release_stale(self.config.import_.node)
         archive.remove_stale_temporaries(self.config.archive.dir)
         if self.shard[0] == 0:
@@ -91,6 +111,15 @@ class Service:
                                 id="rescan", max_instances=1, coalesce=True)
         self._scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
                                 id="heartbeat", max_instances=1, coalesce=True)
+        self._scheduler.add_job(warn_incomplete, "interval", args=(self.config, self.config.import_.node),
+                                seconds=max(min(self.config.watch.rescan_seconds, 30.0), 0.1),
+                                id="discs", max_instances=1, coalesce=True)  # copies stopped half-way
+        self._scheduler.add_job(self.rewatch, "interval", seconds=WATCH_RETRY_SECONDS,
+                                id="rewatch", max_instances=1, coalesce=True)
+        if self.shard[0] == 0:
+            self._scheduler.add_job(self.check_ignored, "interval", seconds=IGNORED_CHECK_SECONDS,
+                                    id="ignored", max_instances=1, coalesce=True,
+                                    next_run_time=datetime.datetime.now())
         self._scheduler.start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
@@ -114,6 +143,9 @@ class Service:
         if self._observer is not None:
             self._observer.join()
         _OverflowAlarm.remove(self)
+        detect.WATCH_FAILURES.discard(self._watch_failure)
+        if self._drop_fd is not None:
+            os.close(self._drop_fd)
         self.heartbeat(state="stopped")
         models.database.close()
         LOGGER.info("stopped: %s", dict(self.counts))
@@ -146,17 +178,21 @@ class Service:
         try:
             st = os.stat(drop)
         except OSError as exc:
-            if self._drop_identity is not None:
-                LOGGER.error("the drop folder %s is gone (%s); waiting for it", drop, exc.strerror)
+            self.troubles.began("drop-folder", f"the drop folder {drop} is gone ({exc.strerror}); "
+                                "waiting for it")
             self._drop_identity = None
             return
         identity = (st.st_dev, st.st_ino)
+        if self._drop_fd is not None and os.fstat(self._drop_fd).st_nlink == 0:
+            identity = None  # the folder we watch was deleted: one of the same inode number is another
         if self._drop_identity is not None and identity != self._drop_identity:
             LOGGER.warning("the drop folder %s was replaced or remounted; watching it again", drop)
             self._restart_observer()
-        elif self._drop_identity is None and self._observer is not None:
-            LOGGER.warning("the drop folder %s is back", drop)
+        elif self._drop_identity is None and self.troubles.ended("drop-folder"):
             self._restart_observer()
+        if identity != self._drop_identity or self._drop_fd is None:
+            self._hold_drop_folder()
+            identity = (st.st_dev, st.st_ino)
         self._drop_identity = identity
         now = self.monotonic()
         self._more_to_scan = False
@@ -171,6 +207,41 @@ class Service:
             dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds),
                                      self.clock())
         self.last_rescan = models.utcnow()
+
+    def check_ignored(self) -> None:
+        """Warn once about each file that matches ``ignore`` yet looks like DICOM and has been in
+        the drop folder (ctime: it cannot be faked) for more than a day: likely a mistake."""
+        drop, patterns = self.config.watch.drop_dir, self.config.watch.ignore
+        wall = self.clock()
+        for path, st in detect.scan(drop):
+            rel = os.path.relpath(path, drop)
+            pattern = detect.ignored_by(rel, patterns)
+            if (pattern is None or rel in self._ignored_warned or not stat.S_ISREG(st.st_mode)
+                    or wall - st.st_ctime < IGNORED_WARN_SECONDS):
+                continue
+            try:
+                with beneath.parent(drop, rel) as (fd, name):
+                    file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                    try:
+                        head = os.pread(file_fd, 132, 0)
+                    finally:
+                        os.close(file_fd)
+            except (OSError, beneath.Outside):
+                continue
+            if detect.looks_like_dicom(head):
+                self._ignored_warned.add(rel)
+                LOGGER.warning("ignored for %.0f days, though it looks like DICOM: %r matches the ignore "
+                               "pattern %r; rename it to import it", (wall - st.st_ctime) / 86400,
+                               to_text(rel), pattern)
+
+    def _hold_drop_folder(self) -> None:
+        if self._drop_fd is not None:
+            os.close(self._drop_fd)
+            self._drop_fd = None
+        try:
+            self._drop_fd = os.open(self.config.watch.drop_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            pass
 
     def look_into(self, folder: str) -> None:
         """A folder appeared: queue what it holds (files copied in before we watched it),
@@ -188,11 +259,18 @@ class Service:
         k, n = self.shard
         return n == 1 or zlib.crc32(os.fsencode(path)) % n == k
 
+    def heartbeat_soon(self) -> None:
+        """Report now, in the scheduler's thread (a trouble began or ended)."""
+        self._run_soon("heartbeat")
+
     def rescan_soon(self) -> None:
         """Rescan now, in the scheduler's thread (a folder moved in, an event queue overflow)."""
+        self._run_soon("rescan")
+
+    def _run_soon(self, job: str) -> None:
         if self._scheduler is not None and not self.stopping.is_set():
             try:
-                self._scheduler.modify_job("rescan", next_run_time=datetime.datetime.now())
+                self._scheduler.modify_job(job, next_run_time=datetime.datetime.now())
             except Exception:  # not started yet or already shut down
                 pass
 
@@ -201,16 +279,62 @@ class Service:
         # creation (maybe still being written), so it need not wait out settle_seconds.
         observer = (PollingObserver(timeout=1) if self.config.watch.poll
                     else Observer(generate_full_events=True))
-        observer.schedule(detect.Handler(self.notify, self.look_into), str(self.config.watch.drop_dir),
+        handler = detect.Handler(self.notify, self.look_into)
+        observer.schedule(handler, str(self.config.watch.drop_dir),
                           recursive=True, event_filter=detect.events(self.config.watch.poll))
         observer.daemon = True
+        self._watch_failed = None
+        detect.WATCH_FAILURES.add(self._watch_failure)
         try:
             observer.start()
         except OSError as exc:
-            LOGGER.error("cannot watch %s (%s); relying on rescans", self.config.watch.drop_dir, exc)
+            self._watch_failed = (str(self.config.watch.drop_dir), exc)
             observer = None
         self._observer = observer
         _OverflowAlarm.add(self)
+        if self._watch_failed is None:
+            self.troubles.ended("watches")
+        else:
+            self._watches_lost(*self._watch_failed)
+
+    def _watches_lost(self, folder: str, exc: OSError) -> None:
+        """The kernel gave no watch for ``folder`` (from watchdog's thread, or at start): files
+        there are found by the rescans only, until the watches can be set up again."""
+        self._watch_failed = (folder, exc)
+        limit = ""
+        if exc.errno == errno.ENOSPC:
+            limit = f" (fs.inotify.max_user_watches = {_sysctl('fs/inotify/max_user_watches')})"
+        elif exc.errno == errno.EMFILE:
+            limit = f" (fs.inotify.max_user_instances = {_sysctl('fs/inotify/max_user_instances')})"
+        self.troubles.began("watches", f"cannot watch {to_text(folder)}: {exc.strerror or exc}{limit}; "
+                            f"its files are found by the rescan every {self.config.watch.rescan_seconds:g} s "
+                            "until the watches can be set up again")
+
+    def _watch_failure(self, path: bytes, exc: OSError) -> None:
+        folder = os.fsdecode(path)
+        drop = str(self.config.watch.drop_dir)
+        if folder == drop or folder.startswith(drop + os.sep):
+            self._watches_lost(folder, exc)
+
+    def rewatch(self) -> None:
+        """Every WATCH_RETRY_SECONDS: a drop folder gone, back or replaced is rescanned (and watched
+        again) now, not at the next rescan; missing watches are set up again if they can be."""
+        if self.stopping.is_set():
+            return
+        if self._drop_folder_changed():
+            self.rescan_soon()
+        elif "watches" in self.troubles and self._drop_identity is not None:
+            self._restart_observer()
+
+    def _drop_folder_changed(self) -> bool:
+        """Cheap: the folder we hold open was deleted, or its name now leads elsewhere (or nowhere)."""
+        try:
+            st = os.stat(self.config.watch.drop_dir)
+        except OSError:
+            return self._drop_identity is not None
+        if self._drop_identity is None or (st.st_dev, st.st_ino) != self._drop_identity:
+            return True
+        return self._drop_fd is not None and os.fstat(self._drop_fd).st_nlink == 0
 
     def _restart_observer(self) -> None:
         if self._observer is not None:
@@ -261,22 +385,36 @@ class Service:
             ready.append((path, st, settle.is_final(observed, w.incomplete_seconds)))
         files = [(path, final, self.attempts[path]) for path, _, final in ready]
         unavailable = None
-        for (path, st, _), outcome in zip(ready, ingest_together(files, self.config)):
-            if isinstance(outcome, Unavailable):  # not the file's fault: it stays, untouched
-                unavailable = outcome
-                self.attempts[path] -= 1
-                self.schedule.put(path, now)
-            else:
-                self._after(path, st, wall, now, outcome)
+        me = threading.get_ident()
+        self._busy_since[me] = now
+        try:
+            for (path, st, _), outcome in zip(ready, ingest_together(files, self.config)):
+                if isinstance(outcome, Unavailable):  # not the file's fault: it stays, untouched
+                    unavailable = outcome
+                    self.attempts[path] -= 1
+                    self.schedule.put(path, now)
+                else:
+                    self._after(path, st, wall, now, outcome)
+        finally:
+            self._busy_since.pop(me, None)
         if unavailable is not None:
-            models.reset_connection()
-            if self._pause == 1.0:
-                LOGGER.error("cannot import now, files stay where they are: %s", unavailable)
-            LOGGER.warning("waiting %.0f s before trying again", self._pause)
-            self.schedule.pause(self._pause)
-            self._pause = min(self._pause * 2, MAX_PAUSE)
-        elif ready:
-            self._pause = 1.0
+            self._paused(unavailable, now)
+        elif ready and self.troubles.ended("unavailable"):
+            self._pause, self._backed_off_at = 1.0, None
+
+    def _paused(self, unavailable, now: float) -> None:
+        """One WARNING when an outage starts; the pause doubles at most once per pause, whatever
+        the number of workers that meet it."""
+        models.reset_connection()
+        self.troubles.began("unavailable", f"cannot import now, files stay where they are: {unavailable}")
+        with self._pause_lock:
+            if self._backed_off_at is not None:
+                if now - self._backed_off_at < self._pause:
+                    return  # another worker met it in this pause already
+                self._pause = min(self._pause * 2, MAX_PAUSE)
+            self._backed_off_at = now
+        LOGGER.debug("still paused (%s); next try in %.0f s", unavailable, self._pause)
+        self.schedule.pause(self._pause)
 
     def _after(self, path: str, st: os.stat_result, wall: float, now: float, outcome) -> None:
         w = self.config.watch
@@ -284,6 +422,7 @@ class Service:
         if self._more_to_scan and len(self.schedule) < MAX_QUEUED // 2:
             self._more_to_scan = False
             self.rescan_soon()
+        self._note_waiting(path, outcome, now)
         if outcome.undisposed:
             self._cannot_dispose(path, st, now, outcome)
         elif outcome.again:  # another version has the name now: it takes its turn
@@ -300,6 +439,31 @@ class Service:
             self.schedule.put(path, now + max(left, w.settle_seconds))
         else:
             self._forget(path)
+
+    def _note_waiting(self, path: str, outcome, now: float) -> None:
+        """What ``pending`` shows for this file (written to the database with the heartbeat)."""
+        w = self.config.watch
+        if outcome.undisposed:
+            state, after = "cannot-dispose", DISPOSE_RETRY_SECONDS
+        elif outcome.outcome == "retry":
+            state, after = "retrying", self.attempts[path]
+        elif outcome.outcome == "claimed":
+            state, after = "claimed", max(w.settle_seconds, CLAIMED_RETRY_SECONDS)
+        elif outcome.outcome == "pending":
+            state, after = outcome.waiting or "incomplete", w.rescan_seconds
+        else:
+            if self.waiting.pop(path, None) is not None:
+                self._waiting_changed = True
+            return
+        detail = outcome.undisposed or outcome.detail
+        previous = self.waiting.get(path)
+        since = previous[2] if previous and previous[0] == state else models.utcnow()
+        if state in ("incomplete", "open-for-writing", "changing") and (not previous or previous[0] != state):
+            LOGGER.info("pending %r: %s: %s%s", outcome.source, state, detail,
+                        f" (rejected if unchanged for {w.incomplete_seconds:g} s)" if state == "incomplete" else "")
+        self.waiting[path] = (state, detail, since,
+                              models.utcnow() + datetime.timedelta(seconds=after))
+        self._waiting_changed = True
 
     def _cannot_dispose(self, path: str, st: os.stat_result, now: float, outcome) -> None:
         """Reported once, then tried again on a slow schedule; its outcome is recorded once."""
@@ -332,22 +496,59 @@ class Service:
         self.observed.forget(path)
         self.undisposed.pop(path, None)
         self.warned.pop(path, None)
+        if self.waiting.pop(path, None) is not None:
+            self._waiting_changed = True
 
     # -- liveness ----------------------------------------------------------------
+    def _check_stalled(self) -> None:
+        """A batch whose commit has waited STALLED_SECONDS (a database lock held for minutes,
+        a disk that does not answer) is a trouble a person should see."""
+        busy = list(self._busy_since.values())
+        oldest = self.monotonic() - min(busy) if busy else 0.0
+        if oldest >= STALLED_SECONDS:
+            self.troubles.began("stalled", f"an import has waited {oldest:.0f} s to be stored and "
+                                "committed (is the database locked, or the archive disk stuck?)")
+        elif "stalled" in self.troubles:
+            self.troubles.ended("stalled")
+
     def heartbeat(self, state: str = "running") -> None:
+        self._check_stalled()
+        outage, outage_since = self.troubles.summary()
         node = self.node
         values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at,
                       last_seen=models.utcnow(), last_rescan=self.last_rescan,
                       queue_depth=len(self.schedule), in_flight=self.schedule.busy_count(),
-                      state=state)
+                      state=state, outage=outage, outage_since=outage_since)
         try:
             (models.Heartbeat.insert(node=node, **values)
              .on_conflict(conflict_target=[models.Heartbeat.node], update=values).execute())
+            if self._waiting_changed or state != "running":
+                self._record_waiting(node, state == "running")
         except Exception as exc:
             LOGGER.warning("heartbeat not recorded: %s", exc)
         finally:
             if threading.current_thread() is not threading.main_thread():
                 models.database.close()
+
+
+    def _record_waiting(self, node: str, running: bool) -> None:
+        """This node's held-back files, as ``pending`` shows them (at most WAITING_ROWS)."""
+        self._waiting_changed = False
+        drop = self.config.watch.drop_dir
+        rows = [dict(node=node, path=to_text(os.path.relpath(path, drop)), state=state, detail=detail,
+                     since=since, next_attempt=next_attempt)
+                for path, (state, detail, since, next_attempt) in list(self.waiting.items())[:WAITING_ROWS]]
+        with models.write_transaction():
+            models.Waiting.delete().where(models.Waiting.node == node).execute()
+            if running and rows:
+                models.Waiting.insert_many(rows).execute()
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
 
 
 class _OverflowAlarm(logging.Handler):
@@ -392,34 +593,118 @@ def run(config: Config, stop: threading.Event) -> None:
     supervises: it forks one service per shard, restarts one that dies, and
     passes SIGTERM on. A child dies with its parent (PR_SET_PDEATHSIG), so a
     kill -9 of the service is a kill -9 of every part of it.
+
+    Under systemd (Type=notify) this process tells it READY=1 once the service
+    (every child) has started, STOPPING=1 on the way out, and, with WatchdogSec=,
+    WATCHDOG=1 every half interval while every child shows life: a child that
+    hangs or dies stops the pings, and systemd restarts the whole service unless
+    the child is back (restarted) in time.
     """
     processes = config.import_.processes or os.cpu_count() or 1
+    watchdog = systemd.watchdog_seconds()
     if processes == 1:
         with Service(config):
-            stop.wait()
+            systemd.notify("READY=1")
+            while not stop.wait(watchdog / 2 if watchdog else None):
+                systemd.notify("WATCHDOG=1")
+            systemd.notify("STOPPING=1")
         return
     models.database.close()  # the children open their own connections
-    children = {_fork(config, (k, processes), stop): k for k in range(processes)}
+    life, life_w = os.pipe()  # each child writes its shard number here every LIFE_SECONDS
+    os.set_blocking(life, False)
+    children = {_fork(config, (k, processes), stop, life_w): k for k in range(processes)}
+    pulse = _Pulse(processes, watchdog)
     restarts = collections.Counter()
     while not stop.wait(0.5):
+        pulse.beat(_lives(life))
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid in children:
             k = children.pop(pid)
             if stop.is_set():  # (systemd signals every process of the service at once)
                 break
+            pulse.ended(k, _lives(life))
             restarts[k] += 1
             LOGGER.error("importer %d of %d (pid %d) ended with status %d; starting it again",
                          k + 1, processes, pid, status)
             stop.wait(min(2 ** restarts[k], MAX_PAUSE))
             if not stop.is_set():
-                children[_fork(config, (k, processes), stop)] = k
+                children[_fork(config, (k, processes), stop, life_w)] = k
+    systemd.notify("STOPPING=1")
     for pid in children:
         os.kill(pid, signal.SIGTERM)
     for pid in children:
         os.waitpid(pid, 0)
+    os.close(life)
+    os.close(life_w)
 
 
-def _fork(config: Config, shard: tuple[int, int], stop: threading.Event) -> int:
+LIFE_SECONDS = 1.0  # an importer child shows life this often
+STALE_SECONDS = 3.0  # ... and is taken for hung after this long without (or half the watchdog, if longer)
+
+
+class _Pulse:
+    """The supervisor's view of its children: READY=1 once all have shown life, then
+    WATCHDOG=1 every half watchdog interval while all still do."""
+
+    def __init__(self, processes: int, watchdog: float | None, monotonic=time.monotonic):
+        self.processes, self.watchdog, self.monotonic = processes, watchdog, monotonic
+        self.stale = max(STALE_SECONDS, watchdog / 2 if watchdog else 0)
+        self.seen: dict = {}  # shard -> when (monotonic) its importer last showed life
+        self.ready = False
+        self.silent: set = set()  # shards already warned about
+        self.next_ping = 0.0
+
+    def beat(self, shards: set) -> None:
+        now = self.monotonic()
+        self.seen.update((k, now) for k in shards)
+        silent = {k for k in range(self.processes)
+                  if k not in self.seen or now - self.seen[k] > self.stale}
+        for k in sorted(silent - self.silent):
+            if k in self.seen:
+                LOGGER.warning("importer %d of %d has shown no life for %.0f s: hung or stopped; "
+                               "no watchdog pings until it does", k + 1, self.processes, self.stale)
+        self.silent = silent
+        if silent:
+            return
+        if not self.ready:
+            self.ready = True
+            systemd.notify("READY=1")
+        if self.watchdog and now >= self.next_ping:
+            systemd.notify("WATCHDOG=1")
+            self.next_ping = now + self.watchdog / 2
+
+    def ended(self, k: int, shards: set) -> None:
+        """Importer ``k`` ended; ``shards``: what the pipe still held, some of it from the dead one."""
+        self.seen.update((s, self.monotonic()) for s in shards)
+        self.seen.pop(k, None)
+        self.silent.add(k)
+
+
+def _lives(fd: int) -> set:
+    """The shards whose importers wrote to the life pipe since the last look."""
+    shards = set()
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return shards
+        if not data:
+            return shards
+        shards.update(data)
+
+
+def _show_life(fd: int, k: int, stop: threading.Event) -> None:
+    """In an importer child: write ``k`` to the supervisor every LIFE_SECONDS until ``stop``."""
+    while True:
+        try:
+            os.write(fd, bytes([k]))
+        except OSError:
+            return
+        if stop.wait(LIFE_SECONDS):
+            return
+
+
+def _fork(config: Config, shard: tuple[int, int], stop: threading.Event, life: int) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -430,6 +715,8 @@ def _fork(config: Config, shard: tuple[int, int], stop: threading.Event) -> int:
         if os.getppid() == parent:  # (else the parent died before the prctl)
             models.connect(config.database.url, migrate=False)
             with Service(config, shard=shard):
+                threading.Thread(target=_show_life, args=(life, shard[0], stop),
+                                 name="watcher-life", daemon=True).start()
                 stop.wait()
         code = 0
     except BaseException:

@@ -17,12 +17,12 @@ from .validate import DicomInfo, validate
 @dataclass(frozen=True)
 class Staged:
     info: DicomInfo
-    stored: archive.Stored | None  # None for a DICOMDIR: it is recorded, never stored
+    stored: archive.Stored  # a DICOMDIR too: it is kept like an original (watcher/discs.py)
     changed: bool  # written to while we read it: the caller must not trust this stage
 
 
 def prepare(source: Source, archive_dir: Path) -> Staged:
     info = validate(source)
-    stored = None if info.is_dicomdir else archive.store_original(source, archive_dir)
+    stored = archive.store_original(source, archive_dir)
     source.drop_buffer()
     return Staged(info, stored, source.changed())

@@ -398,9 +398,14 @@ def _check_closing_element(sop_class_uid: str, walk: _Walk) -> None:
     tags, what = _closing_elements(sop_class_uid)
     if tags is None or walk.seen & tags:
         return
-    if min(tags) > walk.last_tag:
-        raise NotReady(f"a {UID(sop_class_uid).name} that ends before its {what}: the copy may "
-                       "still be running, or stopped early, or the file never had it")
+    if min(tags) > walk.last_tag:  # whole, but without what its class requires: maybe not yet
+        missing = what
+        if what == "Pixel Data":
+            absent = [k for k in ("Rows", "Columns") if k not in walk.found]
+            missing = ", ".join(absent + [what]) if absent else what
+        raise NotReady(f"a {UID(sop_class_uid).name} without {missing}: the copy may still be "
+                       "running, or stopped early, or the file never had it",
+                       reason="missing-attribute")
     raise Rejected("missing-attribute", f"a {UID(sop_class_uid).name} without {what}")
 
 
@@ -408,7 +413,8 @@ def _check_pixels(raw: dict, walk: _Walk) -> None:
     rows, columns = _number(raw, "Rows"), _number(raw, "Columns")
     if walk.pixel_length is None and not walk.encapsulated:
         if rows and columns and not walk.other_pixel_data:
-            raise NotReady("it declares Rows and Columns but has no Pixel Data (yet)")
+            raise NotReady("it declares Rows and Columns but has no Pixel Data (yet)",
+                           reason="missing-attribute")
         return
     if walk.encapsulated or not (rows and columns):
         return

@@ -4,8 +4,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive
-from .models import Instance
+from . import archive, catalog
+from .models import Disc, Instance
 
 
 
@@ -29,7 +29,9 @@ class Findings:
 def verify(archive_dir: Path, rehash: bool = True) -> Findings:
     found = Findings()
     referenced = set()
-    for stored_path, sha in Instance.select(Instance.stored_path, Instance.sha256).tuples().iterator():
+    rows = (Instance.select(Instance.stored_path, Instance.sha256)  # originals, and kept DICOMDIRs
+            .union_all(Disc.select(Disc.stored_path, Disc.sha256)))
+    for stored_path, sha in rows.tuples().iterator():
         referenced.add(stored_path)
         found.checked += 1
         path = archive_dir / stored_path
@@ -61,7 +63,7 @@ def repair(archive_dir: Path, findings: Findings) -> list[str]:
     removed = []
     with archive.repairing(archive_dir):
         for rel in findings.orphans + findings.temporary:
-            if Instance.select().where(Instance.stored_path == rel).exists():
+            if catalog.is_referenced(rel):
                 continue
             try:
                 (archive_dir / rel).unlink()
