@@ -26,26 +26,34 @@ from watcher.cli import cli
 CRASHER = textwrap.dedent("""
     import os, signal, sys
     import watcher.{module} as target
-    original = target.{function}
+    owner, _, name = "{function}".rpartition(".")
+    owner = getattr(target, owner) if owner else target
+    original = getattr(owner, name)
     def crash(*args, **kwargs):
         if {after}:
             original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
-    target.{function} = crash
+    setattr(owner, name, crash)
     from watcher.cli import cli
     cli(["scan", "--final", "--config", sys.argv[1]])
 """)
 
-# The archive always copies; files of another user are crashed too (no lease without
-# CAP_LEASE, but these tests run as root, which has it).
+# Files with one name are taken whole (captured, then their inode linked into the archive);
+# "linked" files have a second name elsewhere, so they are copied; "other" files belong to
+# another user (these tests run as root, which may take a lease on them too).
 STEPS = {
-    "original copied to a temporary file, before its rename": ("archive", "_write_temp", True, "ours"),
-    "another user's original copied, before its rename": ("archive", "_write_temp", True, "other"),
-    "copied and renamed, before the folder fsync": ("archive", "fsync_dir", False, "ours"),
-    "stored, before commit": ("catalog", "record_instances", False, "ours"),
-    "committed, before the source is removed": ("dispose", "remove", False, "ours"),
-    "source captured under a private name, before its unlink": ("dispose", "_same", True, "ours"),
-    "source removed, before anything else": ("dispose", "remove", True, "ours"),
+    "taken out of sight, before the archive links it": ("archive", "_link_inode", False, "ours"),
+    "another user's file taken, linked, before its rename": ("archive", "_link_inode", True, "other"),
+    "linked into the archive, before its rename into place": ("archive", "_place", False, "ours"),
+    "taken and placed, before the folder fsync": ("archive", "fsync_dir", False, "ours"),
+    "taken whole and stored, before commit": ("catalog", "record_instances", False, "ours"),
+    "committed, before the taken source is removed": ("dispose", "Capture.remove", False, "ours"),
+    "original copied to a temporary file, before its rename": ("archive", "_write_temp", True, "linked"),
+    "copied and renamed, before the folder fsync": ("archive", "fsync_dir", False, "linked"),
+    "copied, stored, before commit": ("catalog", "record_instances", False, "linked"),
+    "committed, before the copied source is removed": ("dispose", "remove", False, "linked"),
+    "source captured under a private name, before its unlink": ("dispose", "_same", True, "linked"),
+    "source removed, before anything else": ("dispose", "remove", True, "linked"),
     "rejection recorded, before the move": ("catalog", "record_rejection", True, "ours"),
 }
 NOBODY = 65534
@@ -77,6 +85,10 @@ def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
     if STEPS[step][3] == "other":
         for name in files:
             os.chown(drop / name, NOBODY, NOBODY)
+    if STEPS[step][3] == "linked":
+        (tmp_path / "links").mkdir()
+        for name in files:
+            os.link(drop / name, tmp_path / "links" / name)
 
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     crash_at(cfg, *STEPS[step])

@@ -10,10 +10,23 @@ Order: write a temporary file in ``<archive>/.tmp``, fsync it, rename it to its
 final name; the caller fsyncs the folder (``Stored.folder``) before any
 database row may point at it.
 
-The archive always holds its own copy, written by us and made read-only: no
-other program has a descriptor on it, so its bytes can never change after
-they were hashed, whatever stalls the commit (a lock held for minutes,
-SIGSTOP, a slow disk). The source's inode is never shared with the archive.
+Whatever stalls the commit (a lock held for minutes, SIGSTOP, a slow disk), an
+original's bytes can never change after they were hashed. Two ways get there:
+
+- Shared (no bytes copied): a source on the archive's file system, with no
+  other name, read under a read lease (no one had it open for writing). The
+  caller first *captures* it (watcher/dispose.py): renames it to a private name
+  in its folder and checks, after the rename, that it is still the inode we
+  read and that no writer is waiting for it. From then on no one can open it by
+  its name, so no writer can ever reach it, however long the commit takes;
+  only then is the inode linked into the archive. A writer that was already
+  waiting makes the capture fail: the file goes back under its name.
+- Copied: everything else. A temporary file of our own, read-only, that no
+  other program has a descriptor on.
+
+An archive file is trusted as "already stored" only when it has one name: a
+shared inode whose capture is still in the drop folder (a crash between the
+link and the commit) is replaced, never trusted.
 """
 
 import contextlib
@@ -21,12 +34,15 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Unavailable
+
+LOGGER = logging.getLogger(__name__)
 
 TMP = ".tmp"
 LOCK, TURNSTILE = ".lock", ".turnstile"  # see storing() and repairing()
@@ -41,16 +57,25 @@ class Stored:
     size: int
     created: bool  # False when these bytes were already there
     folder: Path  # fsync this before a row points at the file
+    captured: object = None  # shared: the source's dispose.Capture (removed after the commit)
 
 
 def content_path(sha256: str, day: datetime.date) -> str:
     return f"{day:%Y/%m/%d}/{sha256}.dcm"
 
 
-def store_original(source, archive_dir: Path, day: datetime.date | None = None) -> Stored:
-    """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced."""
+def store_original(source, archive_dir: Path, day: datetime.date | None = None, capture=None) -> Stored:
+    """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced.
+
+    ``capture()``: takes the source out of sight (watcher/dispose.py); given, the
+    source's own inode is shared when it can be, else its bytes are copied.
+    """
     day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
+        if capture is not None and _can_share(source, archive_dir):
+            stored = _store_shared(source, archive_dir, day, capture)
+            if stored is not None:
+                return stored
         return _store_copy(source, archive_dir, day)
     except OSError as exc:
         if exc.errno in FULL_DISK:
@@ -75,6 +100,63 @@ def _store_copy(source, archive_dir: Path, day: datetime.date) -> Stored:
             return Stored(rel, sha, source.size, False, final.parent)
     _place(tmp, final)
     return Stored(rel, sha, source.size, True, final.parent)
+
+
+def _can_share(source, archive_dir: Path) -> bool:
+    """Under a read lease (no writer had it open), on our file system, with no other name."""
+    if not source.leased:
+        return False
+    try:
+        return os.stat(archive_dir).st_dev == source.device and os.fstat(source.fd).st_nlink == 1
+    except FileNotFoundError:
+        return False
+
+
+def _store_shared(source, archive_dir: Path, day: datetime.date, capture) -> Stored | None:
+    sha = source.sha256()
+    rel = content_path(sha, day)
+    final = archive_dir / rel
+    if _is_stored(final):
+        return Stored(rel, sha, source.size, False, final.parent)
+    captured = capture()
+    if captured is None:  # it could not be taken (a folder we may not write): copy it instead
+        return None
+    tmp = _temp_name(archive_dir)
+    try:
+        if source.mode & 0o222:
+            os.fchmod(source.fd, 0o444)  # like our own copies (put_back restores its mode)
+        _link_inode(source.fd, tmp)
+        os.fsync(source.fd)  # its bytes (a writer may have left them in the page cache) and its links
+        _place(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        captured.put_back()
+        raise
+    return Stored(rel, sha, source.size, True, final.parent, captured)
+
+
+def _link_inode(fd: int, dest: Path) -> None:
+    """A new name for the inode we hold open. linkat(2) follows /proc/self/fd/N only with
+    AT_SYMLINK_FOLLOW, which os.link passes only when given a folder descriptor."""
+    folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", dest.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
+
+
+def unshare(source, archive_dir: Path, stored: Stored) -> None:
+    """Give a shared original a copy of its own, read from the inode while the writer that
+    wants it is still held back by our lease."""
+    tmp, sha = _write_temp(archive_dir, source.chunks())
+    if sha != stored.sha256:  # only after a stall past the lease-break time: say so loudly
+        os.unlink(tmp)
+        LOGGER.error("the original %s changed after it was hashed (a writer got in while the "
+                     "import was stalled); verify will report it", stored.relpath)
+        return
+    os.rename(tmp, archive_dir / stored.relpath)
+    fsync_dir(stored.folder)
 
 
 def _lock_file(archive_dir: Path, name: str) -> int:
@@ -137,6 +219,8 @@ def _place(tmp: Path, final: Path) -> None:
         _known_dirs.discard(final.parent)
         _ensure_dir(final.parent)
         os.rename(tmp, final)
+    if os.path.lexists(tmp):  # both names were links to one inode already: rename did nothing
+        os.unlink(tmp)
 
 
 def remove(archive_dir: Path, stored: Stored) -> None:

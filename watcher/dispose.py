@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from . import beneath
+from .errors import Busy
 
 PRIVATE = ".dw~"  # names of our own captures; the scanner never looks at them
 LOCK = ".rejecting"  # in the archive folder; see one_at_a_time()
@@ -60,6 +61,62 @@ def _remove_if_same(fd: int, name: str, source) -> bool:
         return True
     _put_back(fd, private, name)
     return False
+
+
+class Capture:
+    """A source taken out of sight, under a private name in its own folder, while the archive
+    shares its inode (watcher/archive.py): nobody can open it by its name any more. It is
+    removed after the commit, or given back its name if the import does not complete; a
+    crash leaves it to ``recover``. Both go by identity."""
+
+    def __init__(self, root: Path, rel: str, private: str, st: os.stat_result):
+        self.root, self.name = root, os.path.basename(rel)
+        self.private = os.path.join(os.path.dirname(rel), private)
+        self.identity = (st.st_dev, st.st_ino)
+        self.mode = stat.S_IMODE(st.st_mode)  # the archive makes it read-only; given back as it was
+
+    def _is_ours(self, fd: int, name: str) -> bool:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        return (st.st_dev, st.st_ino) == self.identity
+
+    def remove(self) -> None:
+        try:
+            with beneath.parent(self.root, self.private) as (fd, name):
+                if self._is_ours(fd, name):
+                    os.unlink(name, dir_fd=fd)
+        except (FileNotFoundError, beneath.Outside):
+            pass  # removed or moved away by someone else: nothing of ours is left there
+
+    def put_back(self) -> None:
+        try:
+            with beneath.parent(self.root, self.private) as (fd, name):
+                if self._is_ours(fd, name):
+                    os.chmod(name, self.mode, dir_fd=fd)
+                    _put_back(fd, name, self.name)
+        except (FileNotFoundError, beneath.Outside):
+            pass
+
+
+def capture(root: Path, rel: str, source) -> Capture | None:
+    """Take the file we read (``source``, under a read lease) out of sight: rename it to a
+    private name, then check that the renamed file is the inode we read and that no writer
+    waits for it. None when it cannot be renamed (the caller copies it instead); ``Busy``
+    when the name held another version or a writer waits (it is given back its name)."""
+    try:
+        with beneath.parent(root, rel) as (fd, name):
+            private = _private_name(name)
+            try:
+                os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError:
+                return None
+            st = os.stat(private, dir_fd=fd, follow_symlinks=False)
+            if not _same(st, source) or source.lease_broken():
+                _put_back(fd, private, name)
+                raise Busy("the file changed (or a writer waits for it) while it was being "
+                           "imported: looking again when it is quiet", state="changing")
+            return Capture(root, rel, private, st)
+    except (FileNotFoundError, beneath.Outside):
+        return None
 
 
 def _same(st: os.stat_result, source) -> bool:

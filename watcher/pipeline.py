@@ -8,6 +8,7 @@ stops the caller without touching the file, and anything else is retried a
 few times before the file is rejected as ``error``.
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -174,7 +175,10 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
 
 def _ingest(source: Source, rel: str, config: Config):
     node, creator = config.import_.node, config.import_.creator
-    staged = stage.prepare(source, config.archive.dir)
+    share = None  # the archive may take the source's own inode (no bytes copied) only when removing it
+    if config.archive.on_success == "delete":
+        share = lambda: dispose.capture(config.watch.drop_dir, rel, source)  # noqa: E731
+    staged = stage.prepare(source, config.archive.dir, share)
     info, stored = staged.info, staged.stored
     if stored is not None:
         LOGGER.debug("%s: valid %s, stored as %s (%d bytes); recording it", to_text(rel),
@@ -192,17 +196,40 @@ def _ingest(source: Source, rel: str, config: Config):
         outcome = Outcome(result, rel, info.sop_instance_uid or None, stored.sha256)
     except (Rejected, NotReady):
         _discard(stored, config)
+        _give_back(stored)
+        raise
+    except BaseException:  # the database went away, say: the file waits in its place
+        with contextlib.suppress(Exception):  # (nothing can be asked of the database now)
+            _discard(stored, config)
+        _give_back(stored)
         raise
     if outcome.outcome == "duplicate":  # the bytes are in the archive under the first import's day
         _discard(stored, config)
-    return _dispose(source, rel, outcome, config)
+    return _dispose(source, rel, outcome, config, stored)
 
 
-def _dispose(source: Source, rel: str, outcome: Outcome, config: Config) -> Outcome:
+def _give_back(stored) -> None:
+    """A captured source whose import did not complete gets its name back."""
+    if stored is not None and stored.captured is not None:
+        stored.captured.put_back()
+
+
+def _dispose(source: Source, rel: str, outcome: Outcome, config: Config, stored=None) -> Outcome:
     """Remove (or move to done_dir) the version we recorded, and only that version."""
     a, drop = config.archive, config.watch.drop_dir
+    captured = stored.captured if stored is not None else None
     try:
-        if a.on_success == "move":
+        if captured is not None and source.lease_broken():
+            # Out of sight since before it was stored, yet a writer reached the inode (one that
+            # had found it by name an instant before, or through /proc): the archive takes a
+            # copy of its own while the writer still waits, and the file goes back to its name.
+            archive.unshare(source, a.dir, stored)
+            captured.put_back()
+            gone = False
+        elif captured is not None:
+            captured.remove()
+            gone = True
+        elif a.on_success == "move":
             dispose.transfer(drop, rel, a.done_dir, source)
             gone = True
         else:
