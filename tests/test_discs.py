@@ -53,8 +53,17 @@ def cfg(tmp_path, db_url):
     models.database.close()
 
 
+def discs_cli(config, *args):
+    """The command in this process: it opens the database read-only, so the test's own
+    read-write connection is opened again afterwards, for the scans that follow."""
+    try:
+        return CliRunner().invoke(cli, ["discs", "--config", str(config.path), *args])
+    finally:
+        models.connect(config.database.url)
+
+
 def discs_json(config) -> list:
-    result = CliRunner().invoke(cli, ["discs", "--config", str(config.path), "--json"])
+    result = discs_cli(config, "--json")
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(result.output)
 
@@ -106,7 +115,7 @@ def test_disc_copy_that_stopped_half_way_lists_what_is_missing(cfg, tmp_path):
     assert listed["complete"] is False
     assert (listed["referenced"], listed["arrived"]) == (FILES, 2)
     assert listed["missing"] == referenced[2:]
-    text = CliRunner().invoke(cli, ["discs", "--config", str(cfg.path)]).output
+    text = discs_cli(cfg).output
     assert "INCOMPLETE" in text and f"missing: {referenced[2]}" in text
 
 
