@@ -84,7 +84,6 @@ def test_watch_limit_is_reported_and_watches_come_back_when_it_is_raised(tmp_pat
 def test_stalled_commit_is_reported_once_and_its_end_too(tmp_path, caplog, monkeypatch):
     """SQLite held by another process's write transaction: the import waits (it must not fail),
     and the node says it is stalled while it does."""
-    import sqlite3
     import subprocess
     import sys
     import textwrap

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import wait_for, write_config_file
 from dicomfiles import write
