@@ -399,7 +399,8 @@ class Service:
             self._busy_since.pop(me, None)
         if unavailable is not None:
             self._paused(unavailable, now)
-        elif ready and self.troubles.ended("unavailable"):
+        elif ready and (self._backed_off_at is None or now > self._backed_off_at) \
+                and self.troubles.ended("unavailable"):  # (a batch begun before the pause proves nothing)
             self._pause, self._backed_off_at = 1.0, None
 
     def _paused(self, unavailable, now: float) -> None:
@@ -407,6 +408,7 @@ class Service:
         the number of workers that meet it."""
         models.reset_connection()
         self.troubles.began("unavailable", f"cannot import now, files stay where they are: {unavailable}")
+        now = self.monotonic()  # (when the pause began: batches begun before it end nothing)
         with self._pause_lock:
             if self._backed_off_at is not None:
                 if now - self._backed_off_at < self._pause:
