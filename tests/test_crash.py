@@ -73,6 +73,8 @@ def run_cli(config_path, *args):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_crash_at_any_step_loses_and_duplicates_nothing(tmp_path, db_url, step):
+    if ("taken" in step or "linked into" in step) and not db_url.startswith("sqlite"):
+        pytest.skip("with several nodes (PostgreSQL) every original is copied: no taking whole")
     cfg = write_config_file(tmp_path, db_url)
     drop = tmp_path / "drop"
     files = {f"img{i}.dcm": write(drop / f"img{i}.dcm").read_bytes() for i in range(3)}

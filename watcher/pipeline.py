@@ -19,7 +19,7 @@ from pathlib import Path
 
 import peewee
 
-from . import archive, beneath, catalog, claims, discs, dispose, stage
+from . import archive, beneath, catalog, claims, discs, dispose, models, stage
 from .commit import commit_all, commit_now
 from .config import Config
 from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
@@ -175,8 +175,11 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
 
 def _ingest(source: Source, rel: str, config: Config):
     node, creator = config.import_.node, config.import_.creator
-    share = None  # the archive may take the source's own inode (no bytes copied) only when removing it
-    if config.archive.on_success == "delete":
+    # The archive may take the source's own inode (no bytes copied) only when removing it, and
+    # only with one node per database: a capture left by a killed process is put back when
+    # that node starts again, and another node sharing the folder would never see it.
+    share = None
+    if config.archive.on_success == "delete" and not models.is_shared():
         share = lambda: dispose.capture(config.watch.drop_dir, rel, source)  # noqa: E731
     staged = stage.prepare(source, config.archive.dir, share)
     info, stored = staged.info, staged.stored
