@@ -112,11 +112,11 @@ def _writer_waiting_for(path: Path):
 
 def test_writer_waiting_before_the_capture_keeps_its_file_and_the_archive_gets_nothing_of_it(
         config, monkeypatch):
-    needs_taking_whole(config)
     """Someone opens the file for writing after we read it and before we take it: the kernel
     holds them back on our lease, the capture sees them waiting, gives the file back its
     name and lets go. The writer's bytes land in the drop folder's file, which is imported
     in its turn; no archive file shares its inode."""
+    needs_taking_whole(config)
     from watcher import dispose
     src = write(config.watch.drop_dir / "a.dcm")
     inode = src.stat().st_ino
@@ -141,10 +141,10 @@ def test_writer_waiting_before_the_capture_keeps_its_file_and_the_archive_gets_n
 
 
 def test_writer_arriving_during_the_commit_cannot_reach_the_original(config):
-    needs_taking_whole(config)
     """Once taken, the file has no name anyone knows: ``cp`` onto its name makes a new file
     (imported in its turn), a program patching it in place finds nothing; the original is
     untouched, however long the commit takes."""
+    needs_taking_whole(config)
     src = write(config.watch.drop_dir / "a.dcm")
     original = src.read_bytes()
     newer = write(config.watch.drop_dir.parent / "newer.dcm").read_bytes()
@@ -173,11 +173,11 @@ def _inode_of(path: str):
 
 
 def test_writer_reaching_the_taken_inode_through_proc_gets_it_back_and_the_archive_a_copy(config):
-    needs_taking_whole(config)
     """A root process opens the inode for writing through /proc/PID/fd during the commit
     (the one way left to it once the name is gone): the kernel holds it back on our lease;
     the archive takes a copy of its own first, the file goes back to its name, the writer
     writes, and both versions are kept."""
+    needs_taking_whole(config)
     src = write(config.watch.drop_dir / "a.dcm")
     original, inode = src.read_bytes(), src.stat().st_ino
     writer = None

@@ -128,6 +128,8 @@ def _store_shared(source, archive_dir: Path, day: datetime.date, capture) -> Sto
         _link_inode(source.fd, tmp)
         os.fsync(source.fd)  # its bytes (a writer may have left them in the page cache) and its links
         _place(tmp, final)
+        if os.path.lexists(tmp):  # final was a link to this inode already (a crash): rename did nothing
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -219,8 +221,7 @@ def _place(tmp: Path, final: Path) -> None:
         _known_dirs.discard(final.parent)
         _ensure_dir(final.parent)
         os.rename(tmp, final)
-    if os.path.lexists(tmp):  # both names were links to one inode already: rename did nothing
-        os.unlink(tmp)
+
 
 
 def remove(archive_dir: Path, stored: Stored) -> None:
