@@ -1,4 +1,5 @@
-"""Write what happened to a file into the Import database.
+"""Write what happened to a file into the Import database (every intake writes there;
+watcher/studies/ moves studies on into the research projects' databases).
 
 An instance row, its patient/study/series and its history line commit
 together or not at all; instances come in batches (watcher/commit.py), each
@@ -20,8 +21,8 @@ from peewee import __exception_wrapper__ as wrap_errors
 
 from .errors import Rejected
 from .names import to_text
-from .models import (Disc, Event, Instance, Patient, Rejection, Series, Study, database, utcnow,
-                     write_transaction)
+from .models import (IMPORT_ID, Disc, Event, Instance, Patient, Rejection, Series, Study, database,
+                     utcnow, write_transaction)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ def _select_known(uids: list):
 
 def _instance_row(r, series_id, now) -> dict:
     a = r.info.attributes
-    return dict(sop_instance_uid=r.info.sop_instance_uid, sop_class_uid=r.info.sop_class_uid,
+    return dict(database_id=IMPORT_ID, sop_instance_uid=r.info.sop_instance_uid,
+                sop_class_uid=r.info.sop_class_uid,
                 series=series_id, instance_number=_int(a.get("InstanceNumber")),
                 transfer_syntax_uid=r.info.transfer_syntax_uid, sha256=r.stored.sha256,
                 size=r.stored.size, stored_path=r.stored.relpath, creator=r.creator,
@@ -240,10 +242,13 @@ def _series_id(info) -> int:
     found = ids.get(key)
     if found is None:
         a = info.attributes
-        found = _get_or_insert(Series, {"series_instance_uid": info.series_instance_uid},
+        found = _get_or_insert(Series, {"database_id": IMPORT_ID,
+                                        "series_instance_uid": info.series_instance_uid},
                                study=_study_id(info), modality=a.get("Modality", ""),
                                series_number=_int(a.get("SeriesNumber")),
-                               description=a.get("SeriesDescription", ""))
+                               description=a.get("SeriesDescription", ""),
+                               institution_name=a.get("InstitutionName", ""),
+                               station_name=a.get("StationName", ""))
         ids.learn(key, found)
     return found
 
@@ -253,8 +258,10 @@ def _study_id(info) -> int:
     found = ids.get(key)
     if found is None:
         a = info.attributes
-        found = _get_or_insert(Study, {"study_instance_uid": info.study_instance_uid},
+        found = _get_or_insert(Study, {"database_id": IMPORT_ID,
+                                       "study_instance_uid": info.study_instance_uid},
                                patient=_patient_id(info), study_date=a.get("StudyDate", ""),
+                               referring_physician=a.get("ReferringPhysicianName", ""),
                                study_time=a.get("StudyTime", ""),
                                description=a.get("StudyDescription", ""),
                                accession_number=a.get("AccessionNumber", ""),
@@ -269,7 +276,7 @@ def _patient_id(info) -> int:
     key = ("patient", pid, issuer)
     found = ids.get(key)
     if found is None:
-        found = _get_or_insert(Patient, {"patient_id": pid, "issuer": issuer},
+        found = _get_or_insert(Patient, {"database_id": IMPORT_ID, "patient_id": pid, "issuer": issuer},
                                name=a.get("PatientName", ""), birth_date=a.get("PatientBirthDate", ""),
                                sex=a.get("PatientSex", ""))
         ids.learn(key, found)

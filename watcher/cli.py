@@ -12,11 +12,15 @@ from . import logs, models, report, retrieve, runlock
 from . import verify as verifying
 from . import discs as disc_copies
 from .config import check_drop_dir, from_env_or
-from .errors import ConfigError, Unavailable
+from .errors import ConfigError, Refused, Unavailable
+from .models import IMPORT
+from .studies import databases as study_databases
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="TOML config file (default: $WATCHER_CONFIG).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+database_option = click.option("--database", "database_name", default=IMPORT, show_default=True,
+                               help="The study database to look at ('all' for every one).")
 create_option = click.option("--create-drop-dir", "create", is_flag=True,
                              help="Create watch.drop_dir if it does not exist (else that is an error).")
 
@@ -146,17 +150,30 @@ def run(config_path, create):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     from .service import run as run_service
+    from .studies.routine import Routine
     config = _open(config_path)
+    try:
+        Routine(config).check()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     with _importing(config, "run", create):
         run_service(config, stop)
+
+
+def _database_ids(name):
+    try:
+        return study_databases.ids_of(name)
+    except Refused as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
 @config_option
 @json_option
+@database_option
 @click.option("--check", is_flag=True, help="For monitors: exit 0 only if a service reported "
               "lately and the database and archive are usable; else exit 1 saying why.")
-def status(config_path, as_json, check):
+def status(config_path, as_json, database_name, check):
     """Counts, each watcher node's heartbeat, and the files still waiting, by state.
 
     Example: dicom-watcher status --json; dicom-watcher status --check
@@ -166,12 +183,16 @@ def status(config_path, as_json, check):
         ok, why = report.health(config)
         click.echo(why)
         sys.exit(0 if ok else 1)
-    result = report.status()
+    result = report.status(_database_ids(database_name), config.distribute.stable_seconds)
     result["pending"] = report.pending_counts(report.pending(config))
     if as_json:
         return _print_json(result)
-    click.echo("patients {patients}  studies {studies}  series {series}  instances {instances}  "
-               "rejected {rejected}  last import {last_import}".format(**result))
+    click.echo(f"{database_name}: " + "patients {patients}  studies {studies}  series {series}  "
+               "instances {instances}  rejected {rejected}  last import {last_import}".format(**result))
+    for d in result["databases"]:
+        click.echo(f"  database {d['name']}: studies {d['studies']}, instances {d['instances']}")
+    click.echo(f"stable studies in import waiting for a rule or a data manager: "
+               f"{result['stable_in_import']}")
     for n in result["nodes"]:
         state = f"paused ({n['outage']}, since {n['outage_since']})" if n["state"] == "paused" else n["state"]
         click.echo(f"node {n['node']} ({n['host']}, pid {n['pid']}): {state}, last seen "
@@ -207,14 +228,15 @@ def pending(config_path, as_json):
 @cli.command("list")
 @config_option
 @json_option
+@database_option
 @click.option("--limit", type=int, default=None, help="At most this many instances.")
-def list_(config_path, as_json, limit):
+def list_(config_path, as_json, database_name, limit):
     """The imported instances (a patient/study/series tree, or JSON).
 
     Example: dicom-watcher list --json --limit 10
     """
     config = _open(config_path, read_only=True)
-    rows = report.instances(config.archive.dir, limit)
+    rows = report.instances(config.archive.dir, limit, _database_ids(database_name))
     if as_json:
         return _print_json(rows)
     patient = study = series = None
@@ -336,14 +358,15 @@ def retry(config_path, sources, as_json):
 @click.argument("uid")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @json_option
-def export(config_path, uid, dest, as_json):
+@database_option
+def export(config_path, uid, dest, as_json, database_name):
     """Copy the originals of an instance, series, study or patient (UID or Patient ID) to DEST.
 
     Example: dicom-watcher export 1.2.826.0.1.3680043.8.498.1 /tmp/out
     """
     config = _open(config_path, read_only=True)
     try:
-        written = retrieve.export(config, uid, dest)
+        written = retrieve.export(config, uid, dest, _database_ids(database_name))
     except retrieve.ExportError as exc:
         raise click.ClickException(str(exc)) from None
     if not written:
@@ -378,3 +401,9 @@ def discs(config_path, as_json):
                 click.echo(f"  {kind}: {path}")
     if not rows:
         click.echo("no discs")
+
+
+from .cli_studies import databases, distribute  # noqa: E402 (they use the helpers above)
+
+cli.add_command(databases)
+cli.add_command(distribute)

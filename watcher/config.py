@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .studies import rules
 
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*",
                   "Thumbs.db", "desktop.ini", "__MACOSX")
@@ -51,15 +52,23 @@ class Import:
 
 
 @dataclass(frozen=True)
+class Distribute:
+    stable_seconds: float = 60.0  # a study with no new instance for this long is given to the rules
+    rules: tuple = ()  # watcher.studies.rules.Rule, in order
+
+
+@dataclass(frozen=True)
 class Config:
     watch: Watch
     archive: Archive
     database: Database
     import_: Import
     path: Path | None = None
+    distribute: Distribute = Distribute()
 
 
-SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import}
+SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import,
+            "distribute": Distribute}
 PATH_KEYS = {"drop_dir", "dir", "rejected_dir", "done_dir"}
 REQUIRED = {"watch": {"drop_dir"}, "archive": {"dir", "rejected_dir"}}
 
@@ -106,7 +115,7 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
             raise ConfigError(f"{name} must be a section ([{name}]), not a value")
         sections[name] = _section(name, cls, dict(data.get(name, {})), base)
     config = Config(sections["watch"], sections["archive"], sections["database"],
-                    sections["import"], path)
+                    sections["import"], path, sections["distribute"])
     _check(config)
     return config
 
@@ -131,6 +140,8 @@ def _convert(key, f, value, base):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key} must be a folder path (a non-empty string)")
         return (base / Path(value).expanduser()).resolve()
+    if f.name == "rules":
+        return rules.parse(value, key)
     if f.name == "ignore":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} must be a list of glob patterns (strings)")
@@ -162,6 +173,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"watch.incomplete_seconds must be at least {MIN_INCOMPLETE_SECONDS:g} "
                           "(and at least watch.settle_seconds): a writer that stalls would have "
                           "its file rejected as truncated")
+    if config.distribute.stable_seconds <= 0:
+        raise ConfigError("distribute.stable_seconds must be positive")
     if w.rescan_seconds <= 0:
         raise ConfigError("watch.rescan_seconds must be positive")
     if a.on_success not in ("delete", "move"):

@@ -5,6 +5,11 @@ class ConfigError(Exception):
     """The configuration file is wrong; the message names the key."""
 
 
+class Refused(Exception):
+    """A person asked for something that cannot be done as asked (an unknown database or UID, a
+    name taken, a database not empty); nothing was changed. The message says why."""
+
+
 class Rejected(Exception):
     """This file can never be imported as it is: it goes to the rejected folder.
 

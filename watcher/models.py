@@ -1,4 +1,5 @@
-"""The Import database: patient -> study -> series -> instance, plus what happened to every file.
+"""The catalog: study databases (``import`` and the research projects' own), each holding
+patient -> study -> series -> instance, plus what happened to every file.
 
 The database is chosen at run time from a URL (`sqlite:///path` or
 `postgresql://...`) and bound to ``database``, a proxy the models share.
@@ -31,8 +32,29 @@ class BaseModel(Model):
         legacy_table_names = False
 
 
+IMPORT_ID = 1  # the Import database: every intake writes there
+IMPORT = "import"
+
+
+class StudyDatabase(BaseModel):
+    """A partition of the catalog: ``import``, or a research project's study database."""
+    id = AutoField()
+    name = CharField(max_length=64, unique=True)
+    description = TextField(default="")
+    created_at = DateTimeField(default=utcnow)
+
+
+class Route(BaseModel):
+    """Where a study that left the Import database went: its late arrivals follow it."""
+    study_instance_uid = CharField(max_length=64, primary_key=True)
+    database_id = IntegerField()
+    by = TextField()
+    at = DateTimeField()
+
+
 class Patient(BaseModel):
     id = AutoField()
+    database_id = IntegerField(default=IMPORT_ID)
     patient_id = CharField(max_length=64)
     issuer = CharField(max_length=64, default="")
     name = TextField(default="")
@@ -40,32 +62,44 @@ class Patient(BaseModel):
     sex = CharField(max_length=16, default="")
 
     class Meta:
-        indexes = ((("patient_id", "issuer"), True),)
+        indexes = ((("database_id", "patient_id", "issuer"), True),)
 
 
 class Study(BaseModel):
     id = AutoField()
-    study_instance_uid = CharField(max_length=64, unique=True)
+    database_id = IntegerField(default=IMPORT_ID)
+    study_instance_uid = CharField(max_length=64)
     patient = ForeignKeyField(Patient, backref="studies")
     study_date = CharField(max_length=16, default="")
     study_time = CharField(max_length=32, default="")
     description = TextField(default="")
     accession_number = CharField(max_length=64, default="")
     study_id = CharField(max_length=64, default="")
+    referring_physician = TextField(default="")
+
+    class Meta:
+        indexes = ((("database_id", "study_instance_uid"), True),)
 
 
 class Series(BaseModel):
     id = AutoField()
-    series_instance_uid = CharField(max_length=64, unique=True)
+    database_id = IntegerField(default=IMPORT_ID)
+    series_instance_uid = CharField(max_length=64)
     study = ForeignKeyField(Study, backref="series")
     modality = CharField(max_length=16, default="")
     series_number = IntegerField(null=True)
     description = TextField(default="")
+    institution_name = TextField(default="")
+    station_name = TextField(default="")
+
+    class Meta:
+        indexes = ((("database_id", "series_instance_uid"), True),)
 
 
 class Instance(BaseModel):
     id = AutoField()
-    sop_instance_uid = CharField(max_length=64, unique=True)
+    database_id = IntegerField(default=IMPORT_ID)
+    sop_instance_uid = CharField(max_length=64)
     sop_class_uid = CharField(max_length=64)
     series = ForeignKeyField(Series, backref="instances")
     instance_number = IntegerField(null=True)
@@ -77,6 +111,13 @@ class Instance(BaseModel):
     source = TextField()  # relative to watch.drop_dir
     node = CharField(max_length=255)
     imported_at = DateTimeField(default=utcnow, index=True)
+    distributed_by = TextField(null=True)  # who moved it out of the database it was in
+    distributed_at = DateTimeField(null=True)
+    distributed_from = TextField(null=True)  # the name of that database
+    conflict = TextField(default="")  # why a distribution left it behind
+
+    class Meta:
+        indexes = ((("database_id", "sop_instance_uid"), True),)
 
 
 class Event(BaseModel):
@@ -91,6 +132,8 @@ class Event(BaseModel):
     reason = CharField(max_length=32, null=True)
     detail = TextField(default="")
     node = CharField(max_length=255)
+    database_name = TextField(null=True, column_name="database")  # the study database it concerns
+    actor = TextField(null=True)  # the person (or rule) who did it
 
     class Meta:
         table_name = "history"
@@ -163,7 +206,7 @@ class Disc(BaseModel):
     complete_at = DateTimeField(null=True)  # when the periodic check found it complete (not checked again)
 
 
-MODELS = [Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc]
+MODELS = [StudyDatabase, Route, Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc]
 
 
 def is_shared() -> bool:

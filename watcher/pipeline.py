@@ -130,7 +130,7 @@ def ingesting(path: Path, config: Config, final: bool = False, attempt: int = 1)
     except CannotDispose as exc:
         outcome = Outcome("pending", rel, detail=str(exc), undisposed=str(exc), waiting="cannot-dispose")
     except Exception as exc:  # the decision itself could not be carried out
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             raise Unavailable(str(exc)) from exc
         if not beneath.lexists(config.watch.drop_dir, rel):
             outcome = Outcome("vanished", rel, detail="removed by someone else before it was imported")
@@ -165,7 +165,7 @@ def _decide(rel: str, config: Config, final: bool, attempt: int):
             detail = f"{exc.detail}; it has not changed since"
             return _reject(source, rel, exc.reason, detail, config)
         except Exception as exc:
-            if (_is_unavailable(exc) or isinstance(exc, CannotDispose)
+            if (is_unavailable(exc) or isinstance(exc, CannotDispose)
                     or not beneath.lexists(config.watch.drop_dir, rel) or attempt < config.import_.attempts):
                 raise
             LOGGER.error("giving up on %s after %d attempts", to_text(rel), attempt, exc_info=True)
@@ -295,14 +295,14 @@ def _reject(source: Source | None, rel: str, reason: str, detail: str, config: C
     except OSError as exc:
         if ids:
             catalog.forget_rejection(*ids)
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             raise
         raise CannotDispose(f"rejected as {reason}, but cannot move it to {rejected_dir}: "
                             f"{exc.strerror or exc}") from exc
     return Outcome("rejected", rel, sha256=sha256, reason=reason, detail=detail)
 
 
-def _is_unavailable(exc: BaseException) -> bool:
+def is_unavailable(exc: BaseException) -> bool:
     """Trouble that is not the file's fault: wait and try again, leave the file alone."""
     if isinstance(exc, Unavailable):
         return True

@@ -9,7 +9,9 @@ import re
 import time
 
 from . import detect, settle
-from .models import Claim, Event, Heartbeat, Instance, Patient, Rejection, Series, Study, Waiting, utcnow
+from .models import (IMPORT_ID, Claim, Event, Heartbeat, Instance, Patient, Rejection, Series, Study,
+                     StudyDatabase, Waiting, utcnow)
+from .studies import databases
 from .names import to_text
 
 STALE_HEARTBEATS = 3  # a node silent for this many heartbeat intervals is not responding
@@ -32,14 +34,16 @@ def node_state(h, now) -> str:
     return h.state
 
 
-def status() -> dict:
+def status(database_ids=None, stable_seconds: float = 60.0) -> dict:
+    """Counts for the databases ``database_ids`` (None: all of them), per database, the nodes."""
     now = utcnow()
+    per_database = databases.listing()
+    chosen = [d for d in per_database if database_ids is None or d["id"] in database_ids]
     return {
-        "patients": Patient.select().count(),
-        "studies": Study.select().count(),
-        "series": Series.select().count(),
-        "instances": Instance.select().count(),
-        "bytes": int(Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar()),
+        **{k: sum(d[k] for d in chosen) for k in ("patients", "studies", "series", "instances",
+                                                   "bytes")},
+        "databases": [{k: v for k, v in d.items() if k != "id"} for d in per_database],
+        "stable_in_import": per_database[0]["studies"] - _recent_studies(now, stable_seconds),
         "rejected": Rejection.select().count(),
         "last_import": iso(Instance.select(fn.MAX(Instance.imported_at)).scalar()),
         "nodes": [{"node": h.node, "host": h.host, "pid": h.pid, "state": node_state(h, now),
@@ -52,15 +56,27 @@ def status() -> dict:
     }
 
 
-def instances(archive_dir, limit=None) -> list[dict]:
+def _recent_studies(now, stable_seconds: float) -> int:
+    """Studies in import with an instance that arrived within ``stable_seconds``: not stable."""
+    since = now - datetime.timedelta(seconds=stable_seconds)
+    return (Series.select(fn.COUNT(Series.study.distinct()))
+            .where(Series.id.in_(Instance.select(Instance.series).where(
+                (Instance.database_id == IMPORT_ID) & (Instance.imported_at > since))))
+            .scalar() or 0)
+
+
+def instances(archive_dir, limit=None, database_ids=None) -> list[dict]:
+    names = {d.id: d.name for d in StudyDatabase.select()}
     query = (Instance.select(Instance, Series, Study, Patient)
              .join(Series).join(Study).join(Patient)
              .order_by(Patient.patient_id, Study.study_date, Study.study_instance_uid,
                        Series.series_number, Series.series_instance_uid,
                        Instance.instance_number, Instance.sop_instance_uid)
              .limit(limit))
+    if database_ids is not None:
+        query = query.where(Instance.database_id.in_(database_ids))
     return [{
-        "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
+        "database": names.get(i.database_id), "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
         "series_instance_uid": i.series.series_instance_uid,
         "study_instance_uid": i.series.study.study_instance_uid,
         "patient_id": i.series.study.patient.patient_id,
@@ -71,7 +87,9 @@ def instances(archive_dir, limit=None) -> list[dict]:
         "series_description": i.series.description, "instance_number": i.instance_number,
         "sha256": i.sha256, "size": i.size, "creator": i.creator,
         "stored_path": str(archive_dir / i.stored_path), "source": i.source, "node": i.node,
-        "imported_at": iso(i.imported_at),
+        "imported_at": iso(i.imported_at), "distributed_by": i.distributed_by,
+        "distributed_at": iso(i.distributed_at), "distributed_from": i.distributed_from,
+        "conflict": i.conflict or None,
     } for i in query]
 
 

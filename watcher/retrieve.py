@@ -54,7 +54,7 @@ def retry(config: Config, sources=()) -> list[str]:
     return moved
 
 
-def export(config: Config, uid: str, dest: Path) -> list[Path]:
+def export(config: Config, uid: str, dest: Path, database_ids=None) -> list[Path]:
     """Copy the originals of an instance, series, study or patient (by UID or Patient ID).
 
     Never replaces a different file in ``dest`` (the same bytes already there count as
@@ -65,8 +65,13 @@ def export(config: Config, uid: str, dest: Path) -> list[Path]:
              .join(Series).join(Study).join(Patient)
              .where((Instance.sop_instance_uid == uid) | (Series.series_instance_uid == uid)
                     | (Study.study_instance_uid == uid) | (Patient.patient_id == uid)))
-    written = []
+    if database_ids is not None:  # (None: every database; a copy in two is exported once)
+        query = query.where(Instance.database_id.in_(database_ids))
+    written, seen = [], set()
     for i in query:
+        if i.sop_instance_uid in seen:
+            continue
+        seen.add(i.sop_instance_uid)
         target = dest / i.series.study.study_instance_uid / i.series.series_instance_uid
         try:
             target.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ from .config import Config
 from .discs import warn_incomplete
 from .errors import Unavailable
 from .names import to_text
-from .pipeline import dispose_recorded, ingest_together
+from .pipeline import dispose_recorded, ingest_together, is_unavailable
+from .studies.routine import Routine
 from .schedule import Schedule
 from .troubles import Troubles
 
@@ -51,6 +52,7 @@ BATCH = 64  # files a worker takes at once, when that many are due: one commit f
 DISPOSE_RETRY_SECONDS = 60.0  # a file that cannot be removed or moved: look again this often
 WAITING_ROWS = 10_000  # held-back files a node shows in the database at most
 WATCH_RETRY_SECONDS = 5.0  # watches missing (the kernel's limit): try to set them up this often
+ROUTINE_SECONDS = 5.0  # late arrivals follow their study, stable studies meet the rules
 STALLED_SECONDS = 30.0
 IGNORED_CHECK_SECONDS = 3600.0  # how often ignored files are looked at for DICOM content
 IGNORED_WARN_SECONDS = 86400.0  # an ignored file that looks like DICOM, in the folder this long: WARNING  # a batch that has not committed after this long is reported as stalled
@@ -70,6 +72,7 @@ class Service:
         self.shard = shard
         node = config.import_.node
         self.node = node if shard[0] == 0 else f"{node}#{shard[0]}"
+        self._routine = Routine(config)
         self.schedule = Schedule(monotonic)
         self.observed = settle.Observed(monotonic)
         self.done_at: dict = {}  # path -> when (wall) a writer closed it or it was renamed in
@@ -120,6 +123,8 @@ class Service:
             self._scheduler.add_job(self.check_ignored, "interval", seconds=IGNORED_CHECK_SECONDS,
                                     id="ignored", max_instances=1, coalesce=True,
                                     next_run_time=datetime.datetime.now())
+            self._scheduler.add_job(self.distribute, "interval", seconds=ROUTINE_SECONDS,
+                                    id="distribute", max_instances=1, coalesce=True)
         self._scheduler.start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
@@ -207,6 +212,15 @@ class Service:
             dispose.prune_empty_dirs(drop, max(DIR_QUIET_SECONDS, self.config.watch.settle_seconds),
                                      self.clock())
         self.last_rescan = models.utcnow()
+
+    def distribute(self) -> None:
+        """Late arrivals follow their study; stable studies go where the rules say."""
+        try:
+            self._routine.run()
+        except Exception as exc:
+            if is_unavailable(exc):
+                return  # the importers report the outage; look again next time
+            LOGGER.exception("distributing studies failed; trying again in %.0f s", ROUTINE_SECONDS)
 
     def check_ignored(self) -> None:
         """Warn once about each file that matches ``ignore`` yet looks like DICOM and has been in

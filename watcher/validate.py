@@ -47,7 +47,8 @@ INDEXED = {  # top-level attributes we read: tag -> keyword
     0x00020010: "TransferSyntaxUID", 0x00080005: "SpecificCharacterSet",
     0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
     0x00080020: "StudyDate", 0x00080030: "StudyTime", 0x00080050: "AccessionNumber",
-    0x00080060: "Modality", 0x00081030: "StudyDescription", 0x0008103E: "SeriesDescription",
+    0x00080060: "Modality", 0x00080080: "InstitutionName", 0x00080090: "ReferringPhysicianName",
+    0x00081010: "StationName", 0x00081030: "StudyDescription", 0x0008103E: "SeriesDescription",
     0x00100010: "PatientName", 0x00100020: "PatientID", 0x00100021: "IssuerOfPatientID",
     0x00100030: "PatientBirthDate", 0x00100040: "PatientSex",
     0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200010: "StudyID",
@@ -58,7 +59,8 @@ INDEXED = {  # top-level attributes we read: tag -> keyword
 }
 BINARY_US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated"}
 TEXT = {"PatientName", "PatientID", "IssuerOfPatientID", "StudyDescription",
-        "SeriesDescription", "AccessionNumber", "StudyID"}
+        "SeriesDescription", "AccessionNumber", "StudyID", "InstitutionName",
+        "ReferringPhysicianName", "StationName"}
 REQUIRED_UIDS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
                  "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
