@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--out results.json] [--workdir DIR] [--keep] [--profile]
+"""python -m bench [--quick] [--catalog] [--out results.json] [--workdir DIR] [--keep] [--profile]
 
 Generates the corpora in a fresh folder under --workdir, runs every measurement in
 MEASUREMENTS on every corpus (the physical limits, then the real service), prints the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import corpus, service
+from . import catalog, corpus, service
 from .limits import measure_limits
 from .results import (Measurement, add_ratios, make_row, markdown_table, service_table, spread_table,
                       write_json)
@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="only the small batch (5,000 files; --small-count to change), with the "
                              "service under py-spy (or cProfile), and print its top functions")
+    parser.add_argument("--catalog", action="store_true",
+                        help="only the study-database catalog at scale (bench/catalog.py): "
+                             "1,000,000 instances (--quick: 20,000), databases/status/distribute timed")
     parser.add_argument("--profile-tool", choices=("auto", "py-spy", "cprofile"), default="auto")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also measure the service batches of git revision REV (its watcher/ "
@@ -187,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, small_count=args.small_count)
     root = Path(tempfile.mkdtemp(prefix="dicom-bench-", dir=args.workdir))
     log_dir = args.logs or Path(tempfile.gettempdir()) / f"dicom-bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    catalog_rows: list[dict] = []
     meta = {"quick": args.quick, "workdir": str(root), "service_logs": str(log_dir), **describe_host(root)}
     try:
         if args.profile:
             return run_profile(args, plan, root, log_dir)
+        if args.catalog:
+            catalog_rows = catalog.measure(args.quick, tuple(args.backends.split(",")), root)
+            print(catalog.table(catalog_rows))
+            if args.out:
+                write_json(args.out, catalog_rows, meta)
+            return 0
         variants = ()
         if args.baseline:
             variants = (service.THIS_CHECKOUT, baseline_variant(args.baseline, root / "baseline"))
@@ -204,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in made:
                 row["round"] = round_
             rows += made
+        if args.quick and args.only is None:  # CI: the catalog at its quick size too (~20 s)
+            catalog_rows = catalog.measure(True, tuple(args.backends.split(",")), root)
     finally:
         if args.keep:
             LOGGER.info("corpora kept in %s", root)
@@ -223,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + service_table(rows))
         changed = " (it changed during the benchmark!)" if len(codes) > 1 else ""
         print(f"\nservice code{changed}: {', '.join(codes)}; service logs: {log_dir}")
+    if catalog_rows:
+        print("\nStudy databases at scale (bench/catalog.py):\n" + catalog.table(catalog_rows))
     if args.out:
-        write_json(args.out, rows, meta)
+        write_json(args.out, rows + catalog_rows, meta)
     return 0
 
 

@@ -218,6 +218,8 @@ def test_sigkill_during_a_distribution_of_1000_studies_then_the_same_command_mov
 
 
 def test_two_distributions_of_the_same_studies_at_once_move_each_instance_once(site):
+    """Two people run the same command at the same moment: both succeed, nothing doubles; a third
+    into another database is refused, naming where the studies are."""
     site.cli("databases", "create", "trial-a")
     site.cli("databases", "create", "trial-b")
     cfg = site.config
@@ -225,16 +227,19 @@ def test_two_distributions_of_the_same_studies_at_once_move_each_instance_once(s
     for i, study in enumerate(studies):
         write(cfg.watch.drop_dir / f"{i:04}.dcm", ct(study_uid=study))
     sweep(cfg, final=True)
-    commands = [[sys.executable, "-m", "watcher", "distribute", *studies, "--to", target,
-                 "--config", str(site.config_path), "--json"] for target in ("trial-a", "trial-b")]
-    runs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for c in commands]
+    command = [sys.executable, "-m", "watcher", "distribute", *studies, "--to", "trial-a",
+               "--config", str(site.config_path), "--json"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
     outs = [r.communicate(timeout=300) for r in runs]
     assert all(r.returncode == 0 for r in runs), outs
+    moved = sum(json.loads(out)["moved"] for out, _ in outs)
+    assert moved == 200  # each instance moved by one of them
     models.connect(cfg.database.url)
     listed = rows(site)
-    assert len(listed) == 200 and {r["database"] for r in listed} <= {"trial-a", "trial-b"}
-    assert len({r["sop_instance_uid"] for r in listed}) == 200
+    assert len(listed) == 200 and {r["database"] for r in listed} == {"trial-a"}
+    out = site.cli("distribute", studies[0], "--to", "trial-b", code=1)
+    assert "in trial-a" in out
 
 
 def test_a_database_deleted_while_studies_move_into_it_hides_nothing(site):

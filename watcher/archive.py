@@ -45,6 +45,7 @@ from .errors import Unavailable
 LOGGER = logging.getLogger(__name__)
 
 TMP = ".tmp"
+INCOMING = ".incoming"  # the DICOM receiver's objects as they arrive (watcher/receive.py)
 LOCK, TURNSTILE = ".lock", ".turnstile"  # see storing() and repairing()
 LOCKS = (LOCK, TURNSTILE, ".rejecting")  # kernel locks' files (watcher/dispose.py has the last)
 FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}

@@ -36,6 +36,7 @@ class InstanceRecord:
     source: str
     creator: str
     node: str
+    origin: object = None  # watcher.origin.Origin; None: the drop folder
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,11 @@ def _instance_row(r, series_id, now) -> dict:
                 series=series_id, instance_number=_int(a.get("InstanceNumber")),
                 transfer_syntax_uid=r.info.transfer_syntax_uid, sha256=r.stored.sha256,
                 size=r.stored.size, stored_path=r.stored.relpath, creator=r.creator,
-                source=to_text(r.source), node=r.node, imported_at=now)
+                source=to_text(r.source), node=r.node, imported_at=now,
+                **(r.origin.columns() if r.origin is not None else FOLDER_COLUMNS))
+
+
+FOLDER_COLUMNS = {"origin": "folder", "calling_ae": None, "called_ae": None, "remote_host": None}
 
 
 def _parent_order(record) -> tuple:

@@ -4,6 +4,7 @@ Relative paths are taken relative to the folder that holds the config file,
 so `etc/watcher.toml` can say `drop_dir = "../var/drop"`.
 """
 
+import ipaddress
 import math
 import os
 import socket
@@ -58,6 +59,21 @@ class Distribute:
 
 
 @dataclass(frozen=True)
+class Dicom:
+    """The DICOM network receiver (watcher/receive.py): on when the section is there."""
+    ae_title: str = "DICOM-WATCHER"
+    port: int = 11112
+    bind: str = ""  # all interfaces
+    creator: str = "dicom-server"
+    max_associations: int = 20
+    calling_ae_titles: tuple = ()  # empty: any caller
+    allowed_hosts: tuple = ()  # addresses or CIDR ranges; empty: any
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # given: clients must present a certificate it signed
+
+
+@dataclass(frozen=True)
 class Config:
     watch: Watch
     archive: Archive
@@ -65,11 +81,13 @@ class Config:
     import_: Import
     path: Path | None = None
     distribute: Distribute = Distribute()
+    dicom: Dicom | None = None  # the receiver is off without a [dicom] section
 
 
 SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import,
-            "distribute": Distribute}
+            "distribute": Distribute, "dicom": Dicom}
 PATH_KEYS = {"drop_dir", "dir", "rejected_dir", "done_dir"}
+FILE_KEYS = {"tls_cert", "tls_key", "tls_ca"}
 REQUIRED = {"watch": {"drop_dir"}, "archive": {"dir", "rejected_dir"}}
 
 
@@ -115,7 +133,8 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
             raise ConfigError(f"{name} must be a section ([{name}]), not a value")
         sections[name] = _section(name, cls, dict(data.get(name, {})), base)
     config = Config(sections["watch"], sections["archive"], sections["database"],
-                    sections["import"], path, sections["distribute"])
+                    sections["import"], path, sections["distribute"],
+                    sections["dicom"] if "dicom" in data else None)
     _check(config)
     return config
 
@@ -140,6 +159,23 @@ def _convert(key, f, value, base):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key} must be a folder path (a non-empty string)")
         return (base / Path(value).expanduser()).resolve()
+    if f.name in FILE_KEYS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a file path (a non-empty string)")
+        path = (base / Path(value).expanduser()).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{key}: no file at {path}")
+        return path
+    if f.name in ("calling_ae_titles", "allowed_hosts"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{key} must be a list of non-empty strings")
+        if f.name == "allowed_hosts":
+            for v in value:
+                try:
+                    ipaddress.ip_network(v.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"{key}: {v!r} is not an address or CIDR range") from None
+        return tuple(v.strip() for v in value)
     if f.name == "rules":
         return rules.parse(value, key)
     if f.name == "ignore":
@@ -173,6 +209,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"watch.incomplete_seconds must be at least {MIN_INCOMPLETE_SECONDS:g} "
                           "(and at least watch.settle_seconds): a writer that stalls would have "
                           "its file rejected as truncated")
+    if config.dicom is not None:
+        _check_dicom(config.dicom)
     if config.distribute.stable_seconds <= 0:
         raise ConfigError("distribute.stable_seconds must be positive")
     if w.rescan_seconds <= 0:
@@ -196,6 +234,21 @@ def _check(config: Config) -> None:
     if scheme not in ("sqlite", "postgresql", "postgres", "psycopg3"):
         raise ConfigError(f"database.url scheme {scheme!r}: use sqlite:/// or postgresql://")
     _check_folders(config)
+
+
+def _check_dicom(d: Dicom) -> None:
+    if not 0 < len(d.ae_title.strip()) <= 16 or not d.ae_title.isascii() or "\\" in d.ae_title:
+        raise ConfigError("dicom.ae_title must be 1 to 16 ASCII characters (no backslash)")
+    if not 0 < d.port < 65536:
+        raise ConfigError("dicom.port must be between 1 and 65535")
+    if not 1 <= d.max_associations <= 1000:
+        raise ConfigError("dicom.max_associations must be between 1 and 1000")
+    if (d.tls_cert is None) != (d.tls_key is None):
+        raise ConfigError("dicom.tls_cert and dicom.tls_key go together")
+    if d.tls_ca is not None and d.tls_cert is None:
+        raise ConfigError("dicom.tls_ca (client certificates) needs dicom.tls_cert and tls_key")
+    if not d.creator:
+        raise ConfigError("dicom.creator must not be empty")
 
 
 def _overlap(p: Path, q: Path) -> bool:

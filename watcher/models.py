@@ -115,6 +115,10 @@ class Instance(BaseModel):
     distributed_at = DateTimeField(null=True)
     distributed_from = TextField(null=True)  # the name of that database
     conflict = TextField(default="")  # why a distribution left it behind
+    origin = TextField(default="folder")  # the way in: folder, dicom (watcher/origin.py)
+    calling_ae = TextField(null=True)  # dicom: the sender's AE title, ours, the sender's address
+    called_ae = TextField(null=True)
+    remote_host = TextField(null=True)
 
     class Meta:
         indexes = ((("database_id", "sop_instance_uid"), True),)

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
 from .names import to_text
 from .source import Source
+from .validate import validate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -267,7 +268,68 @@ def _discard(stored, config: Config) -> None:
         archive.remove(config.archive.dir, stored)
 
 
-def _reject(source: Source | None, rel: str, reason: str, detail: str, config: Config) -> Outcome:
+def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
+                  sop_instance_uid: str = "") -> Outcome:
+    """An object that arrived whole and is ours alone (a C-STORE's dataset, written by the
+    receiver into the archive's folder for incoming objects), through the same stages as a
+    dropped file: validate, store, record. The caller acknowledges it only if the outcome is
+    ``imported`` or ``duplicate``: then the original is durable and its row committed. A
+    rejected object is kept in ``rejected_dir/<label>``, with its row; a database or disk
+    outage raises (the object is not kept: its sender still has it and was not told success).
+    ``sop_class_uid`` / ``sop_instance_uid``: what the sender said it was sending.
+    """
+    started = time.monotonic()
+    label = f"{origin.kind}/{origin.calling_ae or '-'}/{sop_instance_uid or path.name}"
+    with Source(path.parent, path.name, lease=False, private=True) as source:
+        try:
+            info = validate(source)
+            said = (sop_class_uid or info.sop_class_uid, sop_instance_uid or info.sop_instance_uid)
+            if info.is_dicomdir or (info.sop_class_uid, info.sop_instance_uid) != said:
+                raise Rejected("meta-mismatch", (
+                    f"the dataset is {info.sop_class_uid} {info.sop_instance_uid}, but the sender "
+                    f"said {said[0]} {said[1]}"))
+            stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED)
+            record = catalog.InstanceRecord(info, stored, label, origin.creator,
+                                            config.import_.node, origin)
+            try:
+                result = commit_now(record)
+            except BaseException:
+                _discard(stored, config)
+                raise
+            if result == "duplicate":
+                _discard(stored, config)
+            outcome = Outcome(result, label, info.sop_instance_uid, stored.sha256)
+        except Rejected as exc:
+            outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
+                              dest_rel=_safe_rel(label), recorded_as=label)
+    outcome = _timed(outcome, started)
+    _log(outcome)
+    return outcome
+
+
+class _Owned:
+    """What the archive's zero-copy store asks to take out of sight: an object that only we
+    can reach needs nothing (its writer, the receiver, has finished with it)."""
+
+    def remove(self) -> None:
+        pass
+
+    def put_back(self) -> None:
+        pass
+
+
+OWNED = _Owned()
+
+
+def _safe_rel(label: str) -> str:
+    """A relative path below the rejected folder: no empty, '.' or '..' parts, no NUL."""
+    parts = [p.replace("\0", "") for p in label.split("/")]
+    return "/".join(p if p not in ("", ".", "..") else "_" for p in parts) + ".dcm"
+
+
+def _reject(source: Source | None, rel: str, reason: str, detail: str, config: Config,
+            root: Path | None = None, dest_rel: str | None = None,
+            recorded_as: str | None = None) -> Outcome:
     """Record the rejection, then move the file to the rejected folder; never delete it.
 
     The row names the free path the file is about to take; if that name is taken
@@ -283,11 +345,13 @@ def _reject(source: Source | None, rel: str, reason: str, detail: str, config: C
         if ids:
             catalog.move_rejection(ids[0], dest)
         else:
-            ids.extend(catalog.record_rejection(rel, reason, detail, dest, sha256, size, node))
+            ids.extend(catalog.record_rejection(recorded_as or rel, reason, detail, dest, sha256,
+                                                size, node))
 
     try:
         with dispose.one_at_a_time(config.archive.dir):
-            dispose.transfer(config.watch.drop_dir, rel, rejected_dir, source, before)
+            dispose.transfer(root or config.watch.drop_dir, rel, rejected_dir, source, before,
+                             dest_rel=dest_rel)
     except (FileNotFoundError, beneath.Outside):
         if ids:
             catalog.forget_rejection(*ids)
@@ -299,7 +363,7 @@ def _reject(source: Source | None, rel: str, reason: str, detail: str, config: C
             raise
         raise CannotDispose(f"rejected as {reason}, but cannot move it to {rejected_dir}: "
                             f"{exc.strerror or exc}") from exc
-    return Outcome("rejected", rel, sha256=sha256, reason=reason, detail=detail)
+    return Outcome("rejected", recorded_as or rel, sha256=sha256, reason=reason, detail=detail)
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -89,7 +89,8 @@ def instances(archive_dir, limit=None, database_ids=None) -> list[dict]:
         "stored_path": str(archive_dir / i.stored_path), "source": i.source, "node": i.node,
         "imported_at": iso(i.imported_at), "distributed_by": i.distributed_by,
         "distributed_at": iso(i.distributed_at), "distributed_from": i.distributed_from,
-        "conflict": i.conflict or None,
+        "conflict": i.conflict or None, "origin": i.origin, "calling_ae": i.calling_ae,
+        "called_ae": i.called_ae, "remote_host": i.remote_host,
     } for i in query]
 
 

@@ -73,6 +73,7 @@ class Service:
         node = config.import_.node
         self.node = node if shard[0] == 0 else f"{node}#{shard[0]}"
         self._routine = Routine(config)
+        self._receiver = None  # the DICOM network receiver, with a [dicom] section (shard 0)
         self.schedule = Schedule(monotonic)
         self.observed = settle.Observed(monotonic)
         self.done_at: dict = {}  # path -> when (wall) a writer closed it or it was renamed in
@@ -126,6 +127,9 @@ class Service:
             self._scheduler.add_job(self.distribute, "interval", seconds=ROUTINE_SECONDS,
                                     id="distribute", max_instances=1, coalesce=True)
         self._scheduler.start()
+        if self.shard[0] == 0 and self.config.dicom is not None:
+            from .receive import Receiver
+            self._receiver = Receiver(self.config).start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             worker.start()
@@ -138,6 +142,8 @@ class Service:
     def stop(self) -> None:
         """Finish the files in hand, then stop observer, scheduler and workers."""
         self.stopping.set()
+        if self._receiver is not None:
+            self._receiver.stop()
         if self._observer is not None:
             self._observer.stop()
         if self._scheduler is not None:

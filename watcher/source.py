@@ -73,8 +73,11 @@ LEASE_BREAK_SIGNAL = signal.SIGURG
 class Source:
     """An open regular file from the drop folder. Use as a context manager."""
 
-    def __init__(self, root, rel: str, lease: bool = True):
-        self.root, self.rel = root, rel
+    def __init__(self, root, rel: str, lease: bool = True, private: bool = False):
+        """``private``: a file only we can reach, whose writer has finished (the receiver's
+        incoming object): as good as leased, without asking the kernel for a lease (its
+        writer still holds it open)."""
+        self.root, self.rel, self.private = root, rel, private
         try:
             with beneath.parent(root, rel) as (folder, name):
                 mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
@@ -100,7 +103,7 @@ class Source:
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _special()
-            self.leased = lease and _take_read_lease(self.fd)
+            self.leased = private or (lease and take_read_lease(self.fd))
         except BaseException:
             os.close(self.fd)
             raise
@@ -182,6 +185,8 @@ class Source:
 
     def lease_broken(self) -> bool:
         """Someone has asked to open the file for writing since we took the lease."""
+        if self.private:
+            return False
         return fcntl.fcntl(self.fd, F_GETLEASE) != fcntl.F_RDLCK
 
     def close(self) -> None:
@@ -194,7 +199,7 @@ class Source:
         self.close()
 
 
-def _take_read_lease(fd: int) -> bool:
+def take_read_lease(fd: int) -> bool:
     """True when we hold a read lease on ``fd``; False when none can be had here (another
     user's file without CAP_LEASE, a file system without leases). Raises ``Busy`` when the
     kernel refuses because someone has the file open for writing."""

@@ -43,6 +43,7 @@ def verify(archive_dir: Path, rehash: bool = True) -> Findings:
         rel_root = os.path.relpath(root, archive_dir)
         if rel_root == ".":
             files = [f for f in files if f not in archive.LOCKS]
+            dirs[:] = [d for d in dirs if d != archive.INCOMING]  # objects being received, not ours yet
         for name in files:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
             if rel_root.split("/")[0] == archive.TMP:

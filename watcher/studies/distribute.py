@@ -27,7 +27,8 @@ from . import databases
 LOGGER = logging.getLogger(__name__)
 KINDS = ("study", "series", "patient")
 COPIED = ("sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid", "sha256",
-          "size", "stored_path", "creator", "source", "node", "imported_at")
+          "size", "stored_path", "creator", "source", "node", "imported_at", "origin", "calling_ae",
+          "called_ae", "remote_host")
 
 
 @dataclasses.dataclass
@@ -76,10 +77,18 @@ def plan(keys, kind: str, source: str, target: str) -> tuple[list[Unit], list[st
         else:
             unknown.append(key)
     if unknown:
+        elsewhere = _where(kind, unknown[0])
         raise Refused(f"not in {source!r} (nor in {target!r}): {', '.join(unknown[:10])}"
                       + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                      + (f" ({unknown[0]} is in {', '.join(elsewhere)}: use --from)" if elsewhere else "")
                       + "; nothing was moved")
     return list(units.values()), there
+
+
+def _where(kind: str, key: str) -> list[str]:
+    """The databases that hold what ``key`` selects."""
+    return [d.name for d in databases.StudyDatabase.select().order_by(databases.StudyDatabase.id)
+            if _find(kind, key, d.id)]
 
 
 def _find(kind: str, key: str, database_id: int) -> list[tuple]:

@@ -1,0 +1,266 @@
+"""The DICOM network receiver, with real clients: DCMTK's echoscu and storescu, pynetdicom's SCU,
+and the real service killed mid-transfer. Originals are stored as sent; success means stored."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from conftest import make_config, wait_for, write_config_file
+from dicomfiles import ct, write
+from watcher import models
+from watcher.models import Instance, Rejection
+from watcher.receive import Receiver
+
+if os.environ.get("WATCHER_REQUIRE_DCMTK") == "1":  # CI installs it: a skip there would hide a gap
+    assert shutil.which("storescu"), "DCMTK required (WATCHER_REQUIRE_DCMTK=1) but storescu is missing"
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def receiver(tmp_path, db_url):
+    port = free_port()
+    cfg = make_config(tmp_path, db_url, dicom={"port": port, "bind": "127.0.0.1",
+                                               "ae_title": "ARCHIVE"})
+    models.connect(cfg.database.url)
+    r = Receiver(cfg).start()
+    r.port = port
+    yield r
+    r.stop()
+    models.database.close()
+
+
+def send(port, datasets, calling="MODALITY", transfer_syntaxes=None):
+    """Send with pynetdicom's SCU; the statuses (None: no answer)."""
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, transfer_syntaxes or [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+    assert assoc.is_established, "association not established"
+    try:
+        return [getattr(assoc.send_c_store(ds), "Status", None) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+@needs_dcmtk
+def test_echo_and_storescu_store_the_originals_with_their_origin(receiver, tmp_path):
+    port = str(receiver.port)
+    echo = subprocess.run(["echoscu", "-aec", "ARCHIVE", "127.0.0.1", port], capture_output=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    files = [write(tmp_path / "out" / f"{i}.dcm", ct()) for i in range(3)]
+    sent = subprocess.run(["storescu", "-aec", "ARCHIVE", "-aet", "CT01", "127.0.0.1", port,
+                           *map(str, files)], capture_output=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    rows = {i.sop_instance_uid: i for i in Instance.select()}
+    assert len(rows) == 3
+    for f in files:
+        row = rows[dcmread(f).SOPInstanceUID]
+        assert (row.origin, row.calling_ae, row.called_ae, row.remote_host, row.creator) == (
+            "dicom", "CT01", "ARCHIVE", "127.0.0.1", "dicom-server")
+        stored = dcmread(receiver.config.archive.dir / row.stored_path)
+        assert stored.PixelData == dcmread(f).PixelData
+    assert not any((receiver.incoming).iterdir())  # nothing left behind
+
+
+def test_compressed_data_stays_compressed_byte_for_byte(receiver):
+    ds = dcmread(get_testdata_file("JPEG2000.dcm"))
+    syntax = ds.file_meta.TransferSyntaxUID
+    assert send(receiver.port, [ds], transfer_syntaxes=[syntax]) == [0x0000]
+    row = Instance.get()
+    stored = receiver.config.archive.dir / row.stored_path
+    back = dcmread(stored)
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert back.PixelData == ds.PixelData  # never decoded, never re-encoded
+
+
+def test_a_duplicate_is_success_and_a_conflict_is_kept_and_refused(receiver):
+    first = ct()
+    assert send(receiver.port, [first]) == [0x0000]
+    assert send(receiver.port, [first]) == [0x0000]  # same UID, same bytes
+    assert Instance.select().count() == 1
+    other = ct(sop_uid=first.SOPInstanceUID)
+    other.PatientName = "Other^Bytes"
+    assert send(receiver.port, [other]) == [0xC001]
+    assert Instance.select().count() == 1  # never overwritten
+    kept = Rejection.get()
+    assert kept.reason == "conflict"
+    assert f"/dicom/MODALITY/{first.SOPInstanceUID}" in kept.path
+    assert dcmread(kept.path).PatientName == "Other^Bytes"  # the newcomer, kept whole
+
+
+def test_a_dataset_that_is_not_what_the_command_says_is_refused_and_kept(receiver, tmp_path):
+    """The command said one SOP Instance UID, the dataset holds another: A9xx, kept as sent."""
+    from watcher.origin import from_dicom
+    from watcher.pipeline import ingest_object
+    ds = ct()
+    incoming = write(receiver.incoming / "tmp-test.dcm", ds)
+    outcome = ingest_object(incoming, from_dicom("dicom-server", "CT01", "ARCHIVE", "127.0.0.1"),
+                            receiver.config, str(ds.SOPClassUID), "1.2.3.4.5.6")
+    assert (outcome.outcome, outcome.reason) == ("rejected", "meta-mismatch")
+    assert Instance.select().count() == 0
+    kept = Rejection.get()
+    assert kept.path.endswith("/dicom/CT01/1.2.3.4.5.6.dcm")
+    assert dcmread(kept.path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_an_unknown_caller_is_rejected_at_association(tmp_path, db_url):
+    port = free_port()
+    cfg = make_config(tmp_path, db_url, dicom={"port": port, "bind": "127.0.0.1",
+                                               "calling_ae_titles": ["CT01"]})
+    models.connect(cfg.database.url)
+    r = Receiver(cfg).start()
+    try:
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port)
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 0x03  # calling AE title not recognised
+        assert send(port, [ct()], calling="CT01") == [0x0000]
+    finally:
+        r.stop()
+        models.database.close()
+
+
+def test_a_private_sop_class_is_accepted_and_stored(receiver):
+    ds = ct()
+    private = "1.3.6.1.4.1.99999.1.1"
+    ds.SOPClassUID = private
+    ds.file_meta.MediaStorageSOPClassUID = private
+    assert send(receiver.port, [ds]) == [0x0000]
+    assert Instance.get().sop_class_uid == private
+
+
+def test_sigkill_mid_transfer_loses_nothing_acknowledged_and_doubles_nothing(tmp_path, db_url):
+    port = free_port()
+    path = write_config_file(tmp_path, db_url)
+    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n'
+                                       'ae_title = "ARCHIVE"\n')
+    command = [sys.executable, "-m", "watcher", "run", "--config", str(path)]
+    log = (tmp_path / "service.log").open("ab")
+    service = subprocess.Popen(command, stderr=log)
+    acknowledged, stop = [], threading.Event()
+
+    def sender():
+        while not stop.is_set():
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+            assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+            if not assoc.is_established:
+                time.sleep(0.1)
+                continue
+            try:
+                while not stop.is_set():
+                    ds = ct()
+                    status = assoc.send_c_store(ds)
+                    if getattr(status, "Status", None) == 0x0000:
+                        acknowledged.append(ds.SOPInstanceUID)
+                    elif not assoc.is_established:
+                        break
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(acknowledged) >= 50, timeout=60)
+        service.send_signal(signal.SIGKILL)
+        service.wait()
+        killed_at = len(acknowledged)
+        service = subprocess.Popen(command, stderr=log)
+        assert wait_for(lambda: len(acknowledged) >= killed_at + 50, timeout=60), \
+            (tmp_path / "service.log").read_text()[-3000:]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
+    models.connect(load_url(path))
+    try:
+        stored = [i.sop_instance_uid for i in Instance.select()]
+        assert len(stored) == len(set(stored))  # nothing twice
+        assert set(acknowledged) <= set(stored)  # nothing acknowledged lost
+        archive = tmp_path / "archive"
+        for row in Instance.select():
+            assert (archive / row.stored_path).exists()
+    finally:
+        models.database.close()
+
+
+def load_url(path):
+    from watcher.config import load
+    return load(path).database.url
+
+
+def test_sigterm_lets_a_transfer_in_flight_finish(tmp_path, db_url):
+    port = free_port()
+    path = write_config_file(tmp_path, db_url)
+    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n')
+    service = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(path)],
+                               stderr=(tmp_path / "service.log").open("ab"))
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = None
+        assert wait_for(lambda: _associate(ae, port), timeout=60)
+        assoc = ae.associate("127.0.0.1", port)
+        big = ct(rows=2048, columns=2048)  # 8 MB
+        result = {}
+        sending = threading.Thread(target=lambda: result.update(s=assoc.send_c_store(big)))
+        sending.start()
+        time.sleep(0.05)
+        service.send_signal(signal.SIGTERM)
+        sending.join(timeout=60)
+        if assoc.is_established:
+            assoc.release()
+        assert service.wait(timeout=60) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    assert getattr(result.get("s"), "Status", None) == 0x0000
+    models.connect(load_url(path))
+    try:
+        assert Instance.get().sop_instance_uid == big.SOPInstanceUID
+    finally:
+        models.database.close()
+
+
+def _associate(ae, port) -> bool:
+    assoc = ae.associate("127.0.0.1", port)
+    ok = assoc.is_established
+    if ok:
+        assoc.release()
+    return ok
+
+
+
+@needs_dcmtk
+def test_a_sender_killed_mid_object_leaves_nothing_behind(receiver, tmp_path):
+    big = write(tmp_path / "big.dcm", ct(rows=4096, columns=4096))  # 32 MB
+    sender = subprocess.Popen(["storescu", "--max-send-pdu", "16384", "-aec", "ARCHIVE",
+                               "127.0.0.1", str(receiver.port), str(big)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: any(p.stat().st_size > 1_000_000 for p in receiver.incoming.iterdir()),
+                    timeout=30, step=0.002), "the transfer ended before it could be cut"
+    sender.send_signal(signal.SIGKILL)  # the connection drops mid-object
+    sender.wait()
+    assert wait_for(lambda: not any(receiver.incoming.iterdir()), timeout=30)
+    assert Instance.select().count() == 0
+    assert send(receiver.port, [ct()]) == [0x0000]  # and the receiver goes on

@@ -1,0 +1,200 @@
+"""The DICOM network receiver: modalities and PACS send with C-STORE (and check with C-ECHO).
+
+pynetdicom does the networking. Each received dataset is written by pynetdicom, as it
+arrives, into a file in ``archive.dir/.incoming/<node>/`` (chunked: memory stays flat
+whatever the object's size; on the archive's file system: the archive takes that file's inode,
+no bytes are copied). The store handler hands the file to the one ingest path
+(``pipeline.ingest_object``: validate, store, record) and answers the sender only with its
+outcome: success once the original is durable and its row committed.
+
+Every storage SOP class is accepted, private ones included, in every transfer syntax the
+sender proposes: the sender's first choice is taken, so compressed data stays compressed.
+"""
+
+import ipaddress
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import time
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt, register_uid
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
+
+from . import archive, source
+from .config import Config
+from .errors import Busy, Unavailable
+from .origin import from_dicom
+from .pipeline import ingest_object, is_unavailable
+
+LOGGER = logging.getLogger(__name__)
+STOP_SECONDS = 10.0  # SIGTERM: C-STOREs in flight get this long to finish
+
+# C-STORE statuses (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CONFLICT = 0xC001  # a "cannot understand" code of our own: the UID is stored with other bytes
+STATUS_FOR = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}
+
+# pynetdicom writes each dataset to a file as it arrives (the folder: see Receiver.start)
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+class Receiver:
+    def __init__(self, config: Config):
+        self.config = config
+        self.dicom = config.dicom
+        self.networks = [ipaddress.ip_network(h, strict=False) for h in self.dicom.allowed_hosts]
+        self.incoming = config.archive.dir / archive.INCOMING / config.import_.node.replace("/", "_")
+        self.server = None
+
+    def start(self) -> "Receiver":
+        shutil.rmtree(self.incoming, ignore_errors=True)  # never acknowledged: our last run's
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        # pynetdicom names its files with the tempfile module, in its default folder: ours.
+        tempfile.tempdir = str(self.incoming)
+        ae = AE(ae_title=self.dicom.ae_title)
+        ae.maximum_associations = self.dicom.max_associations
+        ae.require_calling_aet = list(self.dicom.calling_ae_titles)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_REQUESTED, self._on_request), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_ABORTED, self._sweep),
+                    (evt.EVT_CONN_CLOSE, self._sweep)]
+        self.server = ae.start_server((self.dicom.bind, self.dicom.port), block=False,
+                                      evt_handlers=handlers, ssl_context=self._tls())
+        LOGGER.info("receiving DICOM as %s on %s:%d%s", self.dicom.ae_title,
+                    self.dicom.bind or "*", self.dicom.port, " (TLS)" if self.dicom.tls_cert else "")
+        return self
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop accepting; let the associations in flight finish (``timeout``), abort the rest."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        server.shutdown()
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            LOGGER.warning("aborting the association with %s after %.0f s: nothing it sent "
+                           "unacknowledged is kept", assoc.requestor.ae_title, timeout)
+            assoc.abort()
+
+    def _sweep(self, event=None) -> None:
+        """After an association ends: the part of an object it left (aborted mid-object, the
+        connection lost) is removed. A file still written, or in the store handler (pynetdicom
+        keeps it open for writing until the answer is sent), cannot be leased: it stays."""
+        if event is not None:  # pynetdicom 3.0 leaves the file of a message cut short open
+            message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+            unfinished = getattr(message, "_data_set_file", None)
+            if unfinished is not None:
+                unfinished.close()
+        for path in self.incoming.iterdir():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if source.take_read_lease(fd):
+                    path.unlink()
+                    LOGGER.info("removed %s, left by an association that ended mid-object "
+                                "(never acknowledged)", path.name)
+            except (Busy, OSError):
+                pass
+            finally:
+                os.close(fd)
+
+    def _tls(self):
+        d = self.dicom
+        if d.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(d.tls_cert, d.tls_key)
+        if d.tls_ca is not None:
+            context.load_verify_locations(d.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _on_request(self, event) -> None:
+        """Before negotiation: refuse hosts not allowed; accept every storage class proposed."""
+        assoc = event.assoc
+        host = assoc.requestor.address
+        if self.networks and not any(_in(host, n) for n in self.networks):
+            LOGGER.warning("association from %s refused: not in dicom.allowed_hosts", host)
+            assoc.acse.send_reject(0x01, 0x01, 0x01)  # rejected permanent, by the user, no reason
+            return
+        contexts = []
+        for requested in assoc.requestor.requested_contexts:
+            uid = requested.abstract_syntax
+            if uid == Verification:
+                continue
+            if not issubclass(uid_to_service_class(uid), StorageServiceClass):
+                if not _unknown(uid):
+                    continue  # a service we do not offer (query, retrieve, ...): refused
+                register_uid(uid, _keyword(uid), StorageServiceClass)  # a private storage class
+            context = PresentationContext()
+            context.abstract_syntax = uid
+            context.transfer_syntax = list(requested.transfer_syntax)
+            contexts.append(context)
+        verification = PresentationContext()
+        verification.abstract_syntax = Verification
+        verification.transfer_syntax = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+        assoc.acceptor.supported_contexts = [verification, *_unique(contexts)]
+
+    def _on_store(self, event):
+        assoc, request = event.assoc, event.request
+        origin = from_dicom(self.dicom.creator, assoc.requestor.ae_title, assoc.acceptor.ae_title,
+                            assoc.requestor.address)
+        try:
+            outcome = ingest_object(event.dataset_path, origin, self.config,
+                                    str(request.AffectedSOPClassUID),
+                                    str(request.AffectedSOPInstanceUID))
+        except Exception as exc:
+            if isinstance(exc, Unavailable) or is_unavailable(exc):
+                LOGGER.warning("C-STORE from %s refused: %s", origin.describe(), exc)
+                return _status(OUT_OF_RESOURCES, "archive or database unavailable; send again later")
+            LOGGER.exception("C-STORE from %s failed", origin.describe())
+            return _status(OUT_OF_RESOURCES, f"{type(exc).__name__}: not stored; send again")
+        if outcome.outcome in ("imported", "duplicate"):
+            return SUCCESS
+        status = STATUS_FOR.get(outcome.reason, CANNOT_UNDERSTAND)
+        return _status(status, f"{outcome.reason}: kept as rejected; {outcome.detail}")
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    return ds
+
+
+def _in(host: str, network) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]) in network
+    except ValueError:
+        return False
+
+
+def _unknown(uid: str) -> bool:
+    from pydicom.uid import UID
+    return UID(uid).name == uid  # not in pydicom's dictionary: a private (or newer) class
+
+
+def _keyword(uid: str) -> str:
+    return "PrivateStorage_" + uid.replace(".", "_")
+
+
+def _unique(contexts: list) -> list:
+    seen, out = set(), []
+    for c in contexts:
+        if c.abstract_syntax not in seen:
+            seen.add(c.abstract_syntax)
+            out.append(c)
+    return out
+
