@@ -16,10 +16,11 @@ database ``bench_catalog_<pid>`` dropped afterwards):
 2. ``dicom-watcher databases --json`` and ``status --json`` as subprocesses (wall time, Python
    start-up included; median of 3), ``dicom-watcher --help`` for the start-up alone, and the
    in-process ``databases.listing()`` and ``report.status()``.
-3. ``dicom-watcher distribute UID --to trial-a --json``: one ordinary study (~400 instances),
-   then the big one; instances/s = the summary's ``moved`` over the wall time, peak RSS from
-   ``wait4``'s rusage (flat memory: the big move's peak against the small one's). Then the other
-   big study in-process with ``distribute.distribute`` to trial-b.
+3. ``dicom-watcher distribute UID --to trial-a --json``: one ordinary study (~600 instances),
+   then the big one; instances/s = the summary's ``moved`` over the wall time; peak RSS is the
+   command's VmHWM polled from /proc (flat memory: the big move's peak against the small one's
+   and ``--help``'s). Then the other big study in-process with ``distribute.distribute`` to
+   trial-b. Every command's answer is checked (counts, instances moved).
 
 Rows are ``results.make_row`` rows (``corpus`` "catalog N", ``files`` = instances) plus
 ``db``, ``runs_s``, ``peak_rss_mb``, ``target`` and ``met``; ``table`` prints them.
@@ -367,7 +368,8 @@ def _row(label: str, db: str, what: str, *, instances: int, catalog: int, second
     row = make_row(f"catalog {label}", what, files=instances, bytes_=0, seconds=seconds,
                    moves_bytes=False)
     row.update(db=db, catalog_instances=catalog, runs_s=[round(s, 4) for s in (runs or [seconds])],
-               peak_rss_mb=rss, target=target, met=met, **extra)
+               peak_rss_mb=rss, target=target, met=met, load_1m=[None, round(os.getloadavg()[0], 2)],
+               **extra)
     return row
 
 

@@ -166,13 +166,14 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged_and_doubles_nothing(tmp
                 time.sleep(0.1)
                 continue
             try:
-                while not stop.is_set():
+                while not stop.is_set() and assoc.is_established:
                     ds = ct()
-                    status = assoc.send_c_store(ds)
+                    try:
+                        status = assoc.send_c_store(ds)
+                    except RuntimeError:  # the association ended meanwhile (the service killed)
+                        break
                     if getattr(status, "Status", None) == 0x0000:
                         acknowledged.append(ds.SOPInstanceUID)
-                    elif not assoc.is_established:
-                        break
             finally:
                 if assoc.is_established:
                     assoc.release()
@@ -264,3 +265,50 @@ def test_a_sender_killed_mid_object_leaves_nothing_behind(receiver, tmp_path):
     assert wait_for(lambda: not any(receiver.incoming.iterdir()), timeout=30)
     assert Instance.select().count() == 0
     assert send(receiver.port, [ct()]) == [0x0000]  # and the receiver goes on
+
+
+def _certificates(folder):
+    """A CA, a server certificate and a client certificate it signed (openssl)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'client'}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1")
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_with_client_certificates_refuses_a_client_without_one(tmp_path, db_url):
+    import ssl
+    certs = _certificates(tmp_path)
+    port = free_port()
+    cfg = make_config(tmp_path, db_url, dicom={
+        "port": port, "bind": "127.0.0.1", "tls_cert": str(certs / "server.crt"),
+        "tls_key": str(certs / "server.key"), "tls_ca": str(certs / "ca.crt")})
+    models.connect(cfg.database.url)
+    r = Receiver(cfg).start()
+    try:
+        def associate(with_certificate: bool):
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs / "ca.crt"))
+            context.check_hostname = False
+            if with_certificate:
+                context.load_cert_chain(certs / "client.crt", certs / "client.key")
+            ae = AE(ae_title="CT01")
+            ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+            return ae.associate("127.0.0.1", port, tls_args=(context, None))
+
+        bare = associate(False)
+        assert not bare.is_established  # the handshake fails: no certificate
+        assoc = associate(True)
+        assert assoc.is_established
+        ds = ct()
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert Instance.get().sop_instance_uid == ds.SOPInstanceUID
+    finally:
+        r.stop()
+        models.database.close()

@@ -32,7 +32,8 @@ def test_scan_json_summarises_every_outcome(tmp_path):
 
 
 def test_scan_on_a_terminal_shows_progress_and_what_it_waits_for(tmp_path):
-    cfg = write_config_file(tmp_path, f"sqlite:///{tmp_path}/w.db")
+    # settling long enough that a loaded machine still starts the scan within it
+    cfg = write_config_file(tmp_path, f"sqlite:///{tmp_path}/w.db", watch={"settle_seconds": 4})
     drop = tmp_path / "drop"
     for i in range(40):
         write(drop / "series" / f"im{i}.dcm")

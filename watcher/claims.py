@@ -12,6 +12,7 @@ keeps one path in one worker's hands.
 import contextlib
 import datetime
 import os
+import time
 import uuid
 
 from . import archive
@@ -78,6 +79,21 @@ def _no_fsync_wait() -> None:
     commit does not wait for the WAL flush (PostgreSQL's synchronous_commit, this
     transaction only); instance rows keep full durability."""
     database.execute_sql("SET LOCAL synchronous_commit = off")
+
+
+def await_dead_holders(node: str, timeout: float = 10.0) -> None:
+    """Before a node's importers start (the run lock is ours, so no other live process of this
+    node may import): processes of its last run that still hold claims are dying (a SIGKILLed
+    service's children die after it); give them ``timeout`` to be gone, so that
+    ``release_stale`` frees their claims at once instead of after their leases."""
+    if not is_shared():
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holders = {int(c.token.split(":")[0]) for c in Claim.select(Claim.token).where(Claim.node == node)}
+        if not any(archive.is_alive(pid) for pid in holders - {os.getpid()}):
+            return
+        time.sleep(0.05)
 
 
 def release_stale(node: str) -> int:

@@ -10,7 +10,6 @@ import click
 
 from . import logs, models, report, retrieve, runlock
 from . import verify as verifying
-from . import discs as disc_copies
 from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Refused, Unavailable
 from .models import IMPORT
@@ -386,6 +385,7 @@ def discs(config_path, as_json):
 
     Example: dicom-watcher discs --json
     """
+    from . import discs as disc_copies  # (pydicom: only this command needs it at start-up)
     config = _open(config_path, read_only=True)
     rows = disc_copies.report(config)
     if as_json:

@@ -624,6 +624,7 @@ def run(config: Config, stop: threading.Event) -> None:
     """
     processes = config.import_.processes or os.cpu_count() or 1
     watchdog = systemd.watchdog_seconds()
+    claims.await_dead_holders(config.import_.node)
     if processes == 1:
         with Service(config):
             systemd.notify("READY=1")

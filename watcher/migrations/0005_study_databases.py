@@ -51,7 +51,9 @@ def up(migrator, db):
                        f'("database_id", {", ".join(columns)})')
         if table != "patient":
             db.execute_sql(f'CREATE INDEX "{table}_uid" ON "{table}" ({columns[0]})')
-    db.execute_sql('CREATE INDEX "instance_database_series" ON "instance" ("database_id", "series_id")')
+    # what the per-database counts read (watcher/studies/databases.py listing): covering
+    db.execute_sql('CREATE INDEX "instance_database_series" ON "instance" '
+                   '("database_id", "series_id", "size")')
     for table, column, kind in (  # with their defaults in the schema: raw inserts rely on them
             ("study", "referring_physician", "TEXT NOT NULL DEFAULT ''"),
             ("series", "institution_name", "TEXT NOT NULL DEFAULT ''"),

@@ -94,12 +94,12 @@ def delete(name: str) -> dict:
 def listing() -> list[dict]:
     """Every database with its counts (``id`` first: import). Only what holds instances counts: a study that was moved
     away leaves an empty row behind (ingest may still point at it), which is not shown."""
-    instances = dict(Instance.select(Instance.database_id, fn.COUNT(Instance.id))
-                     .group_by(Instance.database_id).tuples())
-    nbytes = dict(Instance.select(Instance.database_id, fn.SUM(Instance.size))
-                  .group_by(Instance.database_id).tuples())
-    series = dict(Instance.select(Instance.database_id, fn.COUNT(Instance.series.distinct()))
-                  .group_by(Instance.database_id).tuples())
+    per = {d: (n, b, s) for d, n, b, s in database.execute_sql(  # one pass over a covering index
+        'SELECT "database_id", count(*), sum("size"), count(DISTINCT "series_id") FROM "instance" '
+        'GROUP BY "database_id"').fetchall()}
+    instances = {d: v[0] for d, v in per.items()}
+    nbytes = {d: v[1] for d, v in per.items()}
+    series = {d: v[2] for d, v in per.items()}
     held = Series.select(Series.id).where(Series.id.in_(Instance.select(Instance.series)))
     studies = dict(Series.select(Series.database_id, fn.COUNT(Series.study.distinct()))
                    .where(Series.id.in_(held)).group_by(Series.database_id).tuples())
