@@ -251,13 +251,14 @@ def test_a_database_deleted_while_studies_move_into_it_hides_nothing(site):
     sweep(cfg, final=True)
     mover = subprocess.Popen([sys.executable, "-m", "watcher", "distribute", *studies, "--to",
                               "trial-a", "--config", str(site.config_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deleted = False
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # (a pipe fills)
+    deleted, deadline = False, time.monotonic() + 300
     while mover.poll() is None and not deleted:  # an administrator deleting it, again and again
+        assert time.monotonic() < deadline, "the distribution did not end"
         deleted = subprocess.run([sys.executable, "-m", "watcher", "databases", "delete", "trial-a",
                                   "--config", str(site.config_path)],
                                  capture_output=True).returncode == 0
-    mover.communicate(timeout=300)
+    mover.wait(timeout=300)
     models.connect(cfg.database.url)
     listed = rows(site)
     assert len(listed) == 300  # every instance is in a database that exists
