@@ -52,6 +52,16 @@ def site(tmp_path, db_url):
             return study
 
         @staticmethod
+        def studies(n):
+            """``n`` one-instance studies, imported in one scan; their Study Instance UIDs."""
+            uids = [ct().StudyInstanceUID for _ in range(n)]
+            for i, study in enumerate(uids):
+                write(cfg.watch.drop_dir / f"{i:04}.dcm", ct(study_uid=study))
+            sweep(cfg, final=True)
+            models.connect(cfg.database.url)
+            return uids
+
+        @staticmethod
         def json(*args):
             return json.loads(invoke(*args, "--json"))
 
@@ -192,12 +202,7 @@ def test_late_arrivals_follow_their_study_and_each_move_is_recorded(site):
 
 def test_sigkill_during_a_distribution_of_1000_studies_then_the_same_command_moves_each_once(site):
     site.cli("databases", "create", "trial-a")
-    cfg = site.config
-    studies = [ct().StudyInstanceUID for _ in range(1000)]
-    for i, study in enumerate(studies):
-        write(cfg.watch.drop_dir / f"{i:04}.dcm", ct(study_uid=study))
-    sweep(cfg, final=True)
-    models.connect(cfg.database.url)
+    studies = site.studies(1000)
     command = [sys.executable, "-m", "watcher", "distribute", *studies, "--to", "trial-a",
                "--config", str(site.config_path)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -223,10 +228,7 @@ def test_two_distributions_of_the_same_studies_at_once_move_each_instance_once(s
     site.cli("databases", "create", "trial-a")
     site.cli("databases", "create", "trial-b")
     cfg = site.config
-    studies = [ct().StudyInstanceUID for _ in range(200)]
-    for i, study in enumerate(studies):
-        write(cfg.watch.drop_dir / f"{i:04}.dcm", ct(study_uid=study))
-    sweep(cfg, final=True)
+    studies = site.studies(200)
     command = [sys.executable, "-m", "watcher", "distribute", *studies, "--to", "trial-a",
                "--config", str(site.config_path), "--json"]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -245,10 +247,7 @@ def test_two_distributions_of_the_same_studies_at_once_move_each_instance_once(s
 def test_a_database_deleted_while_studies_move_into_it_hides_nothing(site):
     site.cli("databases", "create", "trial-a")
     cfg = site.config
-    studies = [ct().StudyInstanceUID for _ in range(300)]
-    for i, study in enumerate(studies):
-        write(cfg.watch.drop_dir / f"{i:04}.dcm", ct(study_uid=study))
-    sweep(cfg, final=True)
+    studies = site.studies(300)
     mover = subprocess.Popen([sys.executable, "-m", "watcher", "distribute", *studies, "--to",
                               "trial-a", "--config", str(site.config_path)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # (a pipe fills)
