@@ -123,12 +123,12 @@ def test_writer_waiting_before_the_capture_keeps_its_file_and_the_archive_gets_n
     writer = None
     real_capture = dispose.capture
 
-    def capture_with_a_writer_waiting(root, rel, source):
+    def capture_with_a_writer_waiting(source):
         nonlocal writer
         writer = _writer_waiting_for(src)
         time.sleep(0.5)  # it is now blocked in open(), waiting for our lease
         assert writer.poll() is None
-        return real_capture(root, rel, source)
+        return real_capture(source)
 
     monkeypatch.setattr(dispose, "capture", capture_with_a_writer_waiting)
     outcome = ingest(src, config)

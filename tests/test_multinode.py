@@ -35,14 +35,14 @@ def start_node(config_path: Path, node: str, log: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
 
 
-def node_config(tmp_path, url, node, drop="drop", **watch):
+def node_config(tmp_path, url, node, drop="drop", claim_seconds=3, **watch):
     folder = tmp_path / node
     folder.mkdir(exist_ok=True)
     cfg = write_config_file(folder, url, watch={"drop_dir": str(tmp_path / drop), "settle_seconds": 1,
                                                 "rescan_seconds": 1, **watch},
                             archive={"dir": str(tmp_path / "archive"),
                                      "rejected_dir": str(tmp_path / "rejected")},
-                            **{"import": {"node": node, "claim_seconds": 3}})
+                            **{"import": {"node": node, "claim_seconds": claim_seconds}})
     return cfg
 
 
@@ -77,7 +77,12 @@ def test_two_nodes_on_one_folder_import_each_file_exactly_once(pg_url, tmp_path,
     for i in range(2000):
         write(staging / f"s{i // 200}" / f"{i:04d}.dcm", rows=2, columns=2)
     drop.mkdir()
-    procs = [start_node(node_config(tmp_path, pg_url, n), n, tmp_path / f"{n}.log") for n in ("a", "b")]
+    # A claim is held from its file's opening to its batch's commit (up to 64 files): on a loaded
+    # machine that outlasts a 3 s lease, the other node takes the file over and records a
+    # harmless duplicate. Live nodes get a lease no batch outlasts; a killed one's must run out.
+    lease = 3 if kill_one else 60
+    procs = [start_node(node_config(tmp_path, pg_url, n, claim_seconds=lease), n, tmp_path / f"{n}.log")
+             for n in ("a", "b")]
     try:
         time.sleep(2)
         for sub in sorted(staging.iterdir()):

@@ -60,6 +60,15 @@ def folder(root: Path, rel: str = "", create: bool = False):
 
     ``create``: make the folders on the way (``root`` itself included) that do not exist.
     """
+    fd = open_folder(root, rel, create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_folder(root: Path, rel: str = "", create: bool = False) -> int:
+    """``folder`` for a caller that keeps the descriptor (and closes it)."""
     if create:
         Path(root).mkdir(parents=True, exist_ok=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -68,15 +77,15 @@ def folder(root: Path, rel: str = "", create: bool = False):
         if names and not create and OPENAT2:
             inner = _open_beneath(fd, "/".join(names))
             os.close(fd)
-            fd = inner
-            names = []
+            return inner
         for name in names:
             inner = _step(fd, name, create)
             os.close(fd)
             fd = inner
-        yield fd
-    finally:
+        return fd
+    except BaseException:
         os.close(fd)
+        raise
 
 
 class _OpenHow(ctypes.Structure):

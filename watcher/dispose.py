@@ -37,14 +37,13 @@ LOCK = ".rejecting"  # in the archive folder; see one_at_a_time()
 NAME_MAX = 255
 
 
-def remove(root: Path, rel: str, source) -> bool:
-    """Unlink ``root/rel`` if it is still the version ``source`` read; True if it went.
+def remove(source) -> bool:
+    """Unlink the file ``source`` read if its name still holds that version; True if it went.
 
     False when the name now holds another version (or a writer waits for ours):
     that file stays, under its name or a free one.
     """
-    with beneath.parent(root, rel) as (fd, name):
-        return _remove_if_same(fd, name, source)
+    return _remove_if_same(source.folder, source.name, source)
 
 
 def _remove_if_same(fd: int, name: str, source) -> bool:
@@ -67,56 +66,51 @@ class Capture:
     """A source taken out of sight, under a private name in its own folder, while the archive
     shares its inode (watcher/archive.py): nobody can open it by its name any more. It is
     removed after the commit, or given back its name if the import does not complete; a
-    crash leaves it to ``recover``. Both go by identity."""
+    crash leaves it to ``recover``. Both go by identity, in the folder the source was found
+    in (through the source's descriptor: use a capture only while its source is open)."""
 
-    def __init__(self, root: Path, rel: str, private: str, st: os.stat_result):
-        self.root, self.name = root, os.path.basename(rel)
-        self.private = os.path.join(os.path.dirname(rel), private)
+    def __init__(self, source, private: str, st: os.stat_result):
+        self.folder, self.name, self.private = source.folder, source.name, private
         self.identity = (st.st_dev, st.st_ino)
         self.mode = stat.S_IMODE(st.st_mode)  # the archive makes it read-only; given back as it was
 
-    def _is_ours(self, fd: int, name: str) -> bool:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    def _is_ours(self) -> bool:
+        st = os.stat(self.private, dir_fd=self.folder, follow_symlinks=False)
         return (st.st_dev, st.st_ino) == self.identity
 
     def remove(self) -> None:
         try:
-            with beneath.parent(self.root, self.private) as (fd, name):
-                if self._is_ours(fd, name):
-                    os.unlink(name, dir_fd=fd)
-        except (FileNotFoundError, beneath.Outside):
+            if self._is_ours():
+                os.unlink(self.private, dir_fd=self.folder)
+        except FileNotFoundError:
             pass  # removed or moved away by someone else: nothing of ours is left there
 
     def put_back(self) -> None:
         try:
-            with beneath.parent(self.root, self.private) as (fd, name):
-                if self._is_ours(fd, name):
-                    os.chmod(name, self.mode, dir_fd=fd)
-                    _put_back(fd, name, self.name)
-        except (FileNotFoundError, beneath.Outside):
+            if self._is_ours():
+                os.chmod(self.private, self.mode, dir_fd=self.folder)
+                _put_back(self.folder, self.private, self.name)
+        except FileNotFoundError:
             pass
 
 
-def capture(root: Path, rel: str, source) -> Capture | None:
+def capture(source) -> Capture | None:
     """Take the file we read (``source``, under a read lease) out of sight: rename it to a
     private name, then check that the renamed file is the inode we read and that no writer
     waits for it. None when it cannot be renamed (the caller copies it instead); ``Busy``
     when the name held another version or a writer waits (it is given back its name)."""
+    fd, name = source.folder, source.name
+    private = _private_name(name)
     try:
-        with beneath.parent(root, rel) as (fd, name):
-            private = _private_name(name)
-            try:
-                os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
-            except OSError:
-                return None
-            st = os.stat(private, dir_fd=fd, follow_symlinks=False)
-            if not _same(st, source) or source.lease_broken():
-                _put_back(fd, private, name)
-                raise Busy("the file changed (or a writer waits for it) while it was being "
-                           "imported: looking again when it is quiet", state="changing")
-            return Capture(root, rel, private, st)
-    except (FileNotFoundError, beneath.Outside):
+        os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
+    except OSError:
         return None
+    st = os.stat(private, dir_fd=fd, follow_symlinks=False)
+    if not _same(st, source) or source.lease_broken():
+        _put_back(fd, private, name)
+        raise Busy("the file changed (or a writer waits for it) while it was being "
+                   "imported: looking again when it is quiet", state="changing")
+    return Capture(source, private, st)
 
 
 def _same(st: os.stat_result, source) -> bool:
@@ -175,30 +169,36 @@ def transfer(root: Path, rel: str, dest_root: Path, source=None, before=None,
     before each name is tried (the rejection row is written there first).
     Raises FileNotFoundError when the file is gone (someone else moved it).
     """
+    if source is not None:  # the folder it was found in
+        return _transfer(source.folder, source.name, rel, dest_root, source, before, dest_rel)
     with beneath.parent(root, rel) as (src_fd, name):
-        st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-        if source is not None and not _same(st, source):
-            raise FileNotFoundError(errno.ENOENT, "replaced by another file meanwhile", rel)
-        for dest_rel in _free_names(dest_rel or rel):
-            if beneath.lexists(dest_root, dest_rel):
-                continue
-            if before is not None:
-                before(dest_rel)
-            try:
-                with beneath.parent(dest_root, dest_rel, create=True) as (dst_fd, dst_name):
-                    try:
-                        beneath.rename_noreplace(src_fd, name, dst_fd, dst_name)
-                    except OSError as exc:
-                        if exc.errno != errno.EXDEV:
-                            raise
-                        _copy_across(src_fd, name, st, source, dst_fd, dst_name)
-                        _remove_after_copy(src_fd, name, st, source)
-                    os.fsync(dst_fd)
-                    return dest_rel
-            except FileExistsError:
-                continue
-            except beneath.Outside:  # a file or a link where a folder should be: another name
-                continue
+        return _transfer(src_fd, name, rel, dest_root, source, before, dest_rel)
+
+
+def _transfer(src_fd: int, name: str, rel: str, dest_root: Path, source, before, dest_rel) -> str:
+    st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+    if source is not None and not _same(st, source):
+        raise FileNotFoundError(errno.ENOENT, "replaced by another file meanwhile", rel)
+    for dest_rel in _free_names(dest_rel or rel):
+        if beneath.lexists(dest_root, dest_rel):
+            continue
+        if before is not None:
+            before(dest_rel)
+        try:
+            with beneath.parent(dest_root, dest_rel, create=True) as (dst_fd, dst_name):
+                try:
+                    beneath.rename_noreplace(src_fd, name, dst_fd, dst_name)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    _copy_across(src_fd, name, st, source, dst_fd, dst_name)
+                    _remove_after_copy(src_fd, name, st, source)
+                os.fsync(dst_fd)
+                return dest_rel
+        except FileExistsError:
+            continue
+        except beneath.Outside:  # a file or a link where a folder should be: another name
+            continue
 
 
 @contextlib.contextmanager

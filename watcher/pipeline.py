@@ -181,7 +181,7 @@ def _ingest(source: Source, rel: str, config: Config):
     # that node starts again, and another node sharing the folder would never see it.
     share = None
     if config.archive.on_success == "delete" and not models.is_shared():
-        share = lambda: dispose.capture(config.watch.drop_dir, rel, source)  # noqa: E731
+        share = lambda: dispose.capture(source)  # noqa: E731
     staged = stage.prepare(source, config.archive.dir, share)
     info, stored = staged.info, staged.stored
     if stored is not None:
@@ -237,7 +237,7 @@ def _dispose(source: Source, rel: str, outcome: Outcome, config: Config, stored=
             dispose.transfer(drop, rel, a.done_dir, source)
             gone = True
         else:
-            gone = dispose.remove(drop, rel, source)
+            gone = dispose.remove(source)
     except (FileNotFoundError, beneath.Outside):
         return outcome  # moved away by someone after we read it: nothing of ours is left there
     except OSError as exc:

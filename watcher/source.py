@@ -78,26 +78,15 @@ class Source:
         incoming object): as good as leased, without asking the kernel for a lease (its
         writer still holds it open)."""
         self.root, self.rel, self.private = root, rel, private
+        *folders, self.name = beneath.parts(rel)
+        # The folder is reached once, and every later step (the checks, the capture, the
+        # removal) acts through this descriptor: a folder swapped for a link meanwhile is
+        # never followed, and no step walks the path again.
+        self.folder = beneath.open_folder(root, "/".join(folders))
         try:
-            with beneath.parent(root, rel) as (folder, name):
-                mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode):  # a link or file replaced by a folder: its files come on their own
-                    raise IsADirectoryError(errno.EISDIR, "a folder now", rel)
-                if stat.S_ISLNK(mode):
-                    raise Rejected("symlink", "a symbolic link; links are never followed, "
-                                   "copy the file itself into the drop folder")
-                if not stat.S_ISREG(mode):
-                    raise _special()
-                self.fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                  dir_fd=folder)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP and not isinstance(exc, beneath.Outside):
-                raise Rejected("symlink", "a symbolic link; links are never followed") from None
-            if exc.errno in (errno.ENXIO, errno.ENODEV):
-                raise _special() from None
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise Rejected("unreadable", f"cannot open: {exc.strerror}; "
-                               "give the watcher's user read permission") from None
+            self.fd = self._open_file()
+        except BaseException:
+            os.close(self.folder)
             raise
         try:
             st = os.fstat(self.fd)
@@ -105,7 +94,7 @@ class Source:
                 raise _special()
             self.leased = private or (lease and take_read_lease(self.fd))
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         self.signature = Signature.of(st)
         self.size = st.st_size
@@ -117,6 +106,32 @@ class Source:
             self._block, self._block_start = self.whole, 0
         else:
             self._block, self._block_start = b"", 0
+
+    def _open_file(self) -> int:
+        name, folder, rel = self.name, self.folder, self.rel
+        try:
+            mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):  # a link or file replaced by a folder: its files come on their own
+                raise IsADirectoryError(errno.EISDIR, "a folder now", rel)
+            if stat.S_ISLNK(mode):
+                raise Rejected("symlink", "a symbolic link; links are never followed, "
+                               "copy the file itself into the drop folder")
+            if not stat.S_ISREG(mode):
+                raise _special()
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Rejected("symlink", "a symbolic link; links are never followed") from None
+            if exc.errno in (errno.ENXIO, errno.ENODEV):
+                raise _special() from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise Rejected("unreadable", f"cannot open: {exc.strerror}; "
+                               "give the watcher's user read permission") from None
+            raise
+
+    def lstat_name(self) -> os.stat_result:
+        """What the file's name holds now, in the folder it was found in."""
+        return os.stat(self.name, dir_fd=self.folder, follow_symlinks=False)
 
     def _pread(self, n: int, pos: int) -> bytes:
         try:
@@ -166,8 +181,8 @@ class Source:
         opened it. Under a lease nobody could write to it; a broken lease means someone is
         waiting to, which makes the file as untrustworthy as a write would."""
         try:
-            now = Signature.of(beneath.lstat(self.root, self.rel))
-        except (FileNotFoundError, beneath.Outside):
+            now = Signature.of(self.lstat_name())
+        except FileNotFoundError:
             return True
         if now.inode != self.signature.inode:
             return True
@@ -190,7 +205,12 @@ class Source:
         return fcntl.fcntl(self.fd, F_GETLEASE) != fcntl.F_RDLCK
 
     def close(self) -> None:
-        os.close(self.fd)  # (and with it the lease)
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)  # (and with it the lease)
+            self.fd = -1
+        if self.folder >= 0:
+            os.close(self.folder)
+            self.folder = -1
 
     def __enter__(self) -> "Source":
         return self
