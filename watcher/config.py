@@ -66,6 +66,7 @@ class Dicom:
     bind: str = ""  # all interfaces
     creator: str = "dicom-server"
     max_associations: int = 20
+    timeout_seconds: float = 60.0  # a sender silent this long is dropped
     calling_ae_titles: tuple = ()  # empty: any caller
     allowed_hosts: tuple = ()  # addresses or CIDR ranges; empty: any
     tls_cert: Path | None = None
@@ -198,6 +199,9 @@ def _convert(key, f, value, base):
 # between two writes (settle), a writer that stalls mid-file (incomplete).
 MIN_SETTLE_SECONDS = 1.0
 MIN_INCOMPLETE_SECONDS = 60.0
+# A stalled DICOM sender keeps one of dicom.max_associations until this runs out: not forever,
+# and not so short that a sender on a slow link is cut off between two PDUs.
+MIN_DICOM_TIMEOUT, MAX_DICOM_TIMEOUT = 1.0, 3600.0
 
 
 def _check(config: Config) -> None:
@@ -243,6 +247,10 @@ def _check_dicom(d: Dicom) -> None:
         raise ConfigError("dicom.port must be between 1 and 65535")
     if not 1 <= d.max_associations <= 1000:
         raise ConfigError("dicom.max_associations must be between 1 and 1000")
+    if not MIN_DICOM_TIMEOUT <= d.timeout_seconds <= MAX_DICOM_TIMEOUT:
+        raise ConfigError(f"dicom.timeout_seconds must be between {MIN_DICOM_TIMEOUT:g} and "
+                          f"{MAX_DICOM_TIMEOUT:g}: a sender that stalls holds an association "
+                          "(and its partial object) this long")
     if (d.tls_cert is None) != (d.tls_key is None):
         raise ConfigError("dicom.tls_cert and dicom.tls_key go together")
     if d.tls_ca is not None and d.tls_cert is None:

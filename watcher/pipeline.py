@@ -302,6 +302,9 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
         except Rejected as exc:
             outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
                               dest_rel=_safe_rel(label), recorded_as=label)
+        except NotReady as exc:  # a dropped file may still grow; a whole message never will
+            outcome = _reject(source, path.name, exc.reason, f"{exc.detail} (the whole message was received)",
+                              config, root=path.parent, dest_rel=_safe_rel(label), recorded_as=label)
     outcome = _timed(outcome, started)
     _log(outcome)
     return outcome

@@ -15,10 +15,12 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 import time
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt, register_uid
 from pynetdicom.presentation import PresentationContext
@@ -61,11 +63,15 @@ class Receiver:
         tempfile.tempdir = str(self.incoming)
         ae = AE(ae_title=self.dicom.ae_title)
         ae.maximum_associations = self.dicom.max_associations
+        # One bound on a silent sender: before its association request (ACSE), between two
+        # PDUs (network: the association is aborted), waiting for a message (DIMSE).
+        timeout = self.dicom.timeout_seconds
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.require_calling_aet = list(self.dicom.calling_ae_titles)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_REQUESTED, self._on_request), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_ABORTED, self._sweep),
-                    (evt.EVT_CONN_CLOSE, self._sweep)]
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_REQUESTED, self._on_request),
+                    (evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_ABORTED, self._sweep), (evt.EVT_CONN_CLOSE, self._sweep)]
         self.server = ae.start_server((self.dicom.bind, self.dicom.port), block=False,
                                       evt_handlers=handlers, ssl_context=self._tls())
         LOGGER.info("receiving DICOM as %s on %s:%d%s", self.dicom.ae_title,
@@ -110,11 +116,29 @@ class Receiver:
             finally:
                 os.close(fd)
 
+    def _on_connect(self, event) -> None:
+        """pynetdicom 3.0 reads a connection with a blocking socket (``accept()`` does not pass
+        the listening socket's timeout on): a sender that stops half-way through a PDU would
+        hold its thread, an association slot and its partial object forever, the abort at the
+        network timeout never sent. Every read gives up after ``dicom.timeout_seconds``."""
+        connection = event.assoc.dul.socket
+        connection.socket.settimeout(self.dicom.timeout_seconds)
+        if isinstance(connection.socket, ssl.SSLSocket):  # see _DeferredHandshake
+            try:
+                connection.socket.do_handshake()
+            except OSError as exc:
+                LOGGER.warning("TLS connection from %s refused: %s", event.assoc.requestor.address,
+                               exc)
+                event.assoc.acse_timeout = 0  # no request can come: pynetdicom ends it at once
+                return
+        if _READS_WHOLE_PDUS:
+            connection.recv = _bounded(connection.recv, connection.socket, event.assoc)
+
     def _tls(self):
         d = self.dicom
         if d.tls_cert is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context = _DeferredHandshake(ssl.PROTOCOL_TLS_SERVER)  # as create_default_context's
         context.load_cert_chain(d.tls_cert, d.tls_key)
         if d.tls_ca is not None:
             context.load_verify_locations(d.tls_ca)
@@ -165,6 +189,36 @@ class Receiver:
             return SUCCESS
         status = STATUS_FOR.get(outcome.reason, CANNOT_UNDERSTAND)
         return _status(status, f"{outcome.reason}: kept as rejected; {outcome.detail}")
+
+
+class _DeferredHandshake(ssl.SSLContext):
+    """pynetdicom 3.0 wraps each accepted connection in its accept loop
+    (``AssociationServer.get_request``), and the handshake blocks there: one client that
+    connects and never starts its handshake would keep every other from connecting. The
+    handshake is left to the connection's own thread (``Receiver._on_connect``), bounded by
+    ``dicom.timeout_seconds``; a failed one ends that connection only."""
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, *args, **kwargs):
+        return super().wrap_socket(sock, server_side, False, *args, **kwargs)
+
+
+# pynetdicom 3.0 reads each PDU whole into memory, as long as its header says (up to 4 GB),
+# before looking at it: one sender streaming a huge PDU would hold that much. We offer PDUs of
+# ae.maximum_pdu_size (16 kB); an association request with every context is well below 1 MB.
+MAX_PDU_BYTES = 1 << 20
+_READS_WHOLE_PDUS = pynetdicom.__version__.split(".")[:2] == ["3", "0"]
+
+
+def _bounded(recv, sock, assoc):
+    """``recv`` of pynetdicom's connection that refuses to gather more than MAX_PDU_BYTES."""
+    def bounded(nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:
+            LOGGER.warning("connection from %s dropped: it sent a PDU of %d bytes (at most %d "
+                           "accepted)", assoc.requestor.address, nr_bytes, MAX_PDU_BYTES)
+            sock.shutdown(socket.SHUT_RDWR)  # read nothing more of it
+            raise ConnectionAbortedError(f"a PDU of {nr_bytes} bytes")
+        return recv(nr_bytes)
+    return bounded
 
 
 def _status(code: int, comment: str) -> Dataset:
