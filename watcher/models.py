@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from urllib.parse import quote
 
-from peewee import (AutoField, BigIntegerField, CharField, DatabaseProxy, DateTimeField,
-                    ForeignKeyField, IntegerField, Model, OperationalError, PostgresqlDatabase,
+from peewee import (AutoField, BigIntegerField, BooleanField, CharField, DatabaseProxy,
+                    DateTimeField, ForeignKeyField, IntegerField, Model, OperationalError, PostgresqlDatabase,
                     SqliteDatabase, TextField)
 from playhouse import db_url
 from playhouse.migrations import Runner
@@ -210,7 +210,40 @@ class Disc(BaseModel):
     complete_at = DateTimeField(null=True)  # when the periodic check found it complete (not checked again)
 
 
-MODELS = [StudyDatabase, Route, Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc]
+class Account(BaseModel):
+    """A person who signs in to the web app (watcher/studies/accounts.py). Never deleted:
+    disabled, so that what they did still names them."""
+    id = AutoField()
+    name = CharField(max_length=64, unique=True)
+    password_hash = TextField()  # argon2id, with its parameters and salt (never the password)
+    is_manager = BooleanField(default=False)  # every right on every database, import included
+    disabled = BooleanField(default=False)  # refused at once: password, tokens and rights
+    created_at = DateTimeField(default=utcnow)
+
+
+class ApiToken(BaseModel):
+    """A secret a program presents instead of a password; only its sha256 is kept."""
+    id = AutoField()
+    account = ForeignKeyField(Account, backref="tokens", on_delete="CASCADE")
+    token_hash = CharField(max_length=64, unique=True)  # sha256 hex of the secret
+    created_at = DateTimeField(default=utcnow)
+    revoked = BooleanField(default=False)
+
+
+class Grant(BaseModel):
+    """A right of one account on one study database (watcher/studies/rights.py decides what
+    it allows). Deleting the database deletes its grants (ON DELETE CASCADE)."""
+    id = AutoField()
+    account = ForeignKeyField(Account, backref="grants", on_delete="CASCADE")
+    study_database = ForeignKeyField(StudyDatabase, backref="grants", on_delete="CASCADE")
+    level = CharField(max_length=8)  # read, write (write includes read)
+
+    class Meta:
+        indexes = ((("account", "study_database"), True),)
+
+
+MODELS = [StudyDatabase, Route, Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc,
+          Account, ApiToken, Grant]
 
 
 def is_shared() -> bool:

@@ -5,7 +5,7 @@ import re
 from peewee import fn
 
 from ..errors import Refused
-from ..models import (IMPORT, IMPORT_ID, Instance, Patient, Route, Series, Study, StudyDatabase,
+from ..models import (IMPORT, IMPORT_ID, Grant, Instance, Patient, Route, Series, Study, StudyDatabase,
                       database, is_shared, utcnow, write_transaction)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
@@ -74,7 +74,7 @@ def rename(old: str, new: str) -> dict:
 
 def delete(name: str) -> dict:
     """Only an empty database goes (with the empty patient, study and series rows that moves
-    left in it, and the routes that pointed at it)."""
+    left in it, the routes that pointed at it, and the rights people had on it)."""
     if name == IMPORT:
         raise Refused("the Import database cannot be deleted: every intake writes into it")
     with write_transaction():
@@ -87,6 +87,7 @@ def delete(name: str) -> dict:
         for model in (Series, Study, Patient):
             model.delete().where(model.database_id == row.id).execute()
         Route.delete().where(Route.database_id == row.id).execute()
+        Grant.delete().where(Grant.study_database == row.id).execute()  # (the schema cascades too)
         StudyDatabase.delete().where(StudyDatabase.id == row.id).execute()
     return {"name": name, "deleted": True}
 
