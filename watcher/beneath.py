@@ -17,6 +17,7 @@ it is free, atomically, so a file never silently replaces another.
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 from pathlib import Path
 
@@ -86,6 +87,20 @@ def open_folder(root: Path, rel: str = "", create: bool = False) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def path_of(fd: int) -> str | None:
+    """Where the kernel says an open folder is now (None when it cannot say)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def real(root) -> str:
+    """``root`` with its links resolved, as ``path_of`` names folders below it."""
+    return os.path.realpath(root)
 
 
 class _OpenHow(ctypes.Structure):

@@ -43,6 +43,8 @@ def remove(source) -> bool:
     False when the name now holds another version (or a writer waits for ours):
     that file stays, under its name or a free one.
     """
+    if not source.folder_in_place():  # its folder was moved out of ours: not ours to touch
+        raise FileNotFoundError(errno.ENOENT, "its folder was moved away", source.rel)
     return _remove_if_same(source.folder, source.name, source)
 
 
@@ -100,6 +102,8 @@ def capture(source) -> Capture | None:
     waits for it. None when it cannot be renamed (the caller copies it instead); ``Busy``
     when the name held another version or a writer waits (it is given back its name)."""
     fd, name = source.folder, source.name
+    if not source.folder_in_place():
+        return None
     private = _private_name(name)
     try:
         os.rename(name, private, src_dir_fd=fd, dst_dir_fd=fd)
@@ -169,7 +173,9 @@ def transfer(root: Path, rel: str, dest_root: Path, source=None, before=None,
     before each name is tried (the rejection row is written there first).
     Raises FileNotFoundError when the file is gone (someone else moved it).
     """
-    if source is not None:  # the folder it was found in
+    if source is not None:  # the folder it was found in, if that is still in its place
+        if not source.folder_in_place():
+            raise FileNotFoundError(errno.ENOENT, "its folder was moved away", rel)
         return _transfer(source.folder, source.name, rel, dest_root, source, before, dest_rel)
     with beneath.parent(root, rel) as (src_fd, name):
         return _transfer(src_fd, name, rel, dest_root, source, before, dest_rel)

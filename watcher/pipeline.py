@@ -230,6 +230,13 @@ def _dispose(source: Source, rel: str, outcome: Outcome, config: Config, stored=
             archive.unshare(source, a.dir, stored)
             captured.put_back()
             gone = False
+        elif captured is not None and not source.folder_in_place():
+            # Its folder was moved out of ours after the capture: the file gets its name back
+            # there, untouched, and the archive a copy of its own (no inode shared with a file
+            # anyone can write).
+            archive.unshare(source, a.dir, stored)
+            captured.put_back()
+            return outcome
         elif captured is not None:
             captured.remove()
             gone = True

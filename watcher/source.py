@@ -82,7 +82,8 @@ class Source:
         # The folder is reached once, and every later step (the checks, the capture, the
         # removal) acts through this descriptor: a folder swapped for a link meanwhile is
         # never followed, and no step walks the path again.
-        self.folder = beneath.open_folder(root, "/".join(folders))
+        self._folders = "/".join(folders)
+        self.folder = beneath.open_folder(root, self._folders)
         try:
             self.fd = self._open_file()
         except BaseException:
@@ -128,6 +129,19 @@ class Source:
                 raise Rejected("unreadable", f"cannot open: {exc.strerror}; "
                                "give the watcher's user read permission") from None
             raise
+
+    def folder_in_place(self) -> bool:
+        """The folder we found the file in is still where we found it (not moved out of the
+        drop folder meanwhile): a step that moves or removes acts only then. Asked of the
+        kernel's name for our descriptor, else by walking the path again."""
+        if beneath.path_of(self.folder) == os.path.join(beneath.real(self.root), self._folders).rstrip("/"):
+            return True
+        try:
+            with beneath.folder(self.root, self._folders) as fd:
+                there, here = os.fstat(fd), os.fstat(self.folder)
+            return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+        except (FileNotFoundError, NotADirectoryError, beneath.Outside):
+            return False
 
     def lstat_name(self) -> os.stat_result:
         """What the file's name holds now, in the folder it was found in."""
