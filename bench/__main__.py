@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--catalog] [--out results.json] [--workdir DIR] [--keep] [--profile]
+"""python -m bench [--quick] [--catalog] [--receive] [--out results.json] [--workdir DIR] [--keep] [--profile]
 
 Generates the corpora in a fresh folder under --workdir, runs every measurement in
 MEASUREMENTS on every corpus (the physical limits, then the real service), prints the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import catalog, corpus, service
+from . import catalog, corpus, receive, service
 from .limits import measure_limits
 from .results import (Measurement, add_ratios, make_row, markdown_table, service_table, spread_table,
                       write_json)
@@ -130,6 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--catalog", action="store_true",
                         help="only the study-database catalog at scale (bench/catalog.py): "
                              "1,000,000 instances (--quick: 20,000), databases/status/distribute timed")
+    parser.add_argument("--receive", action="store_true",
+                        help="only the DICOM receiver against storescp and Orthanc (bench/receive.py): "
+                             "2,000 small objects, 3 x 200 MB, paced latency (--quick: 300, 1 x 20 MB); "
+                             "with --repeat N, N rounds; with --profile, dicom-watcher's under py-spy")
     parser.add_argument("--profile-tool", choices=("auto", "py-spy", "cprofile"), default="auto")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also measure the service batches of git revision REV (its watcher/ "
@@ -191,10 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="dicom-bench-", dir=args.workdir))
     log_dir = args.logs or Path(tempfile.gettempdir()) / f"dicom-bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
     catalog_rows: list[dict] = []
+    receive_rows: list[dict] = []
     meta = {"quick": args.quick, "workdir": str(root), "service_logs": str(log_dir), **describe_host(root)}
     try:
+        if args.receive and args.profile:
+            row, summary = receive.profile(root / "scratch", args.quick, log_dir)
+            print(receive.table([row | {"case": "small"}]) + "\n\n" + summary)
+            return 0
         if args.profile:
             return run_profile(args, plan, root, log_dir)
+        if args.receive:
+            receive_rows = receive.measure(root / "scratch", args.quick, args.repeat, log_dir)
+            print(receive.table(receive_rows))
+            if args.out:
+                write_json(args.out, receive_rows, meta)
+            return 0
         if args.catalog:
             catalog_rows = catalog.measure(args.quick, tuple(args.backends.split(",")), root)
             print(catalog.table(catalog_rows))
@@ -216,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += made
         if args.quick and args.only is None:  # CI: the catalog at its quick size too (~20 s)
             catalog_rows = catalog.measure(True, tuple(args.backends.split(",")), root)
+            receive_rows = receive.measure(root / "scratch", True, 1, log_dir)  # ~1 min
     finally:
         if args.keep:
             LOGGER.info("corpora kept in %s", root)
@@ -237,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nservice code{changed}: {', '.join(codes)}; service logs: {log_dir}")
     if catalog_rows:
         print("\nStudy databases at scale (bench/catalog.py):\n" + catalog.table(catalog_rows))
+    if receive_rows:
+        print("\nThe DICOM receiver and its peers (bench/receive.py):\n" + receive.table(receive_rows))
     if args.out:
-        write_json(args.out, rows + catalog_rows, meta)
+        write_json(args.out, rows + catalog_rows + receive_rows, meta)
     return 0
 
 
