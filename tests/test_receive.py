@@ -312,3 +312,46 @@ def test_tls_with_client_certificates_refuses_a_client_without_one(tmp_path, db_
     finally:
         r.stop()
         models.database.close()
+
+
+def test_associations_are_spread_over_the_importer_processes_and_the_port_is_ours_alone(
+        tmp_path, db_url):
+    """The service listens once, before it forks; every importer accepts on that socket, so
+    senders are served by several processes (cores). Nobody else can listen on the port."""
+    port = free_port()
+    path = write_config_file(tmp_path, db_url, **{"import": {"node": "test-node", "processes": 2}})
+    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n')
+    service = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(path)],
+                               stderr=(tmp_path / "service.log").open("ab"))
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assert wait_for(lambda: _associate(ae, port), timeout=60)
+        for reuse in (False, True):
+            with socket.socket() as other, pytest.raises(OSError):
+                if reuse:
+                    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                other.bind(("127.0.0.1", port))
+        statuses = []
+
+        def sender():  # one association each, as a modality sends a series
+            statuses.extend(send(port, [ct() for _ in range(10)]))
+
+        threads = [threading.Thread(target=sender) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
+    assert statuses == [0x0000] * 30
+    models.connect(load_url(path))
+    try:
+        assert Instance.select().count() == 30
+    finally:
+        models.database.close()
+    log = (tmp_path / "service.log").read_text()
+    served = {importer: log.count(f" {importer} INFO watcher.pipeline: imported 'dicom/")
+              for importer in ("test-node", "test-node#1")}  # (the log names the importer)
+    assert all(served.values()), f"one importer received everything: {served}"

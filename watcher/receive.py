@@ -26,15 +26,17 @@ from pynetdicom import AE, _config, evt, register_uid
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
+from pynetdicom.transport import ThreadedAssociationServer
 
 from . import archive, source
 from .config import Config
-from .errors import Busy, Unavailable
+from .errors import Busy, ConfigError, Unavailable
 from .origin import from_dicom
 from .pipeline import ingest_object, is_unavailable
 
 LOGGER = logging.getLogger(__name__)
 STOP_SECONDS = 10.0  # SIGTERM: C-STOREs in flight get this long to finish
+ACCEPT_DELAY_SECONDS = 0.005  # per association an importer serves already (see _AcceptingOn)
 
 # C-STORE statuses (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
@@ -48,12 +50,69 @@ STATUS_FOR = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}
 _config.STORE_RECV_CHUNKED_DATASET = True
 
 
+def listen(dicom) -> socket.socket:
+    """The receiver's listening socket. The service opens it once, before it forks its
+    importers: each of them accepts connections on it, so associations are spread over the
+    processes (and their cores), while the port stays ours alone (no SO_REUSEPORT: a second
+    program on the same port is refused, never handed half the connections)."""
+    family = socket.AF_INET6 if ":" in (dicom.bind or "") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((dicom.bind, dicom.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"dicom.port {dicom.port}: cannot listen on {dicom.bind or '*'}:{dicom.port}: "
+                          f"{exc.strerror or exc} (is another program using it?)") from None
+    return sock
+
+
+class _AcceptingOn(ThreadedAssociationServer):
+    """pynetdicom's server, accepting on a socket that is already listening (``listen``)
+    instead of binding its own. Its accept loop must never block (another importer may take
+    the connection first), so the socket is non-blocking; accepted connections are not."""
+
+    listener: socket.socket  # set by a subclass made for each receiver
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self.listener.dup()
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already
+
+    def get_request(self):
+        """Every importer wakes for a new connection and the first to accept it gets it: one
+        that is busy already waits a moment, so that an idle one takes the next sender."""
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(busy, 10) * ACCEPT_DELAY_SECONDS)
+        return super().get_request()
+
+
+class _AE(AE):
+    """An AE whose server is an ``_AcceptingOn`` (``make_server`` is pynetdicom's documented
+    way to choose the server class)."""
+
+    server_class = None
+
+    def make_server(self, address, *args, server_class=None, **kwargs):
+        return super().make_server(address, *args, server_class=self.server_class, **kwargs)
+
+
 class Receiver:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, node: str | None = None, listener: socket.socket | None = None):
+        """``node``: this importer's name (its incoming folder); ``listener``: the service's
+        listening socket (``listen``), else the receiver opens its own."""
         self.config = config
         self.dicom = config.dicom
         self.networks = [ipaddress.ip_network(h, strict=False) for h in self.dicom.allowed_hosts]
-        self.incoming = config.archive.dir / archive.INCOMING / config.import_.node.replace("/", "_")
+        node = node or config.import_.node
+        self.incoming = config.archive.dir / archive.INCOMING / node.replace("/", "_")
+        self.listener, self._own_listener = listener, listener is None
         self.server = None
 
     def start(self) -> "Receiver":
@@ -61,7 +120,10 @@ class Receiver:
         self.incoming.mkdir(parents=True, exist_ok=True)
         # pynetdicom names its files with the tempfile module, in its default folder: ours.
         tempfile.tempdir = str(self.incoming)
-        ae = AE(ae_title=self.dicom.ae_title)
+        if self.listener is None:
+            self.listener = listen(self.dicom)
+        ae = _AE(ae_title=self.dicom.ae_title)
+        ae.server_class = type("AcceptingOnOurs", (_AcceptingOn,), {"listener": self.listener})
         ae.maximum_associations = self.dicom.max_associations
         # One bound on a silent sender: before its association request (ACSE), between two
         # PDUs (network: the association is aborted), waiting for a message (DIMSE).
@@ -84,6 +146,8 @@ class Receiver:
             return
         server, self.server = self.server, None
         server.shutdown()
+        if self._own_listener:
+            self.listener.close()
         deadline = time.monotonic() + timeout
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
