@@ -147,7 +147,24 @@ REFUSED = [
     pytest.param(typo("import", "Workers"), ["import.Workers"], id="typo-capitalised-key"),
     pytest.param(typo("archiv", "dir"), ["[archiv]"], id="typo-section"),
     pytest.param(lambda tmp_path, data: data["watch"].pop("drop_dir"), ["watch.drop_dir"], id="missing-drop_dir"),
+    # the web app
+    pytest.param(set_("http", port=0), ["http.port"], id="http.port-0"),
+    pytest.param(set_("http", port=70000), ["http.port"], id="http.port-too-high"),
+    pytest.param(set_("http", port="8080"), ["http.port"], id="http.port-a-string"),
+    pytest.param(set_("http", bind="my host"), ["http.bind"], id="http.bind-not-an-address"),
+    pytest.param(set_("http", session_hours=0), ["http.session_hours"], id="http.session_hours-0"),
+    pytest.param(set_("http", sessions_hours=1), ["http.sessions_hours"], id="typo-http.sessions_hours"),
+    pytest.param(lambda tmp_path, data: data.update(http={"port": 11112}, dicom={"port": 11112}),
+                 ["http.port", "dicom.port"], id="http.port-is-dicom.port"),
 ]
+
+
+def test_the_web_app_is_on_with_an_http_section_with_its_defaults(tmp_path):
+    assert from_dict(valid(tmp_path), base=tmp_path).http is None
+    data = valid(tmp_path)
+    data["http"] = {}
+    http = from_dict(data, base=tmp_path).http
+    assert (http.bind, http.port, http.session_hours) == ("127.0.0.1", 8080, 12.0)
 
 
 @pytest.mark.parametrize("change, keys", REFUSED)

@@ -156,7 +156,10 @@ def run(config_path, create):
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     with _importing(config, "run", create):
-        run_service(config, stop)
+        try:
+            run_service(config, stop)
+        except ConfigError as exc:  # (found only on starting: a port that is taken)
+            raise click.ClickException(str(exc)) from None
 
 
 def _database_ids(name):

@@ -75,6 +75,14 @@ class Dicom:
 
 
 @dataclass(frozen=True)
+class Http:
+    """The web app and API (watcher/web/): on when the section is there."""
+    bind: str = "127.0.0.1"  # this machine only; put a TLS proxy in front to serve others
+    port: int = 8080
+    session_hours: float = 12.0  # a sign-in lasts this long (signing out ends it at once)
+
+
+@dataclass(frozen=True)
 class Config:
     watch: Watch
     archive: Archive
@@ -83,10 +91,11 @@ class Config:
     path: Path | None = None
     distribute: Distribute = Distribute()
     dicom: Dicom | None = None  # the receiver is off without a [dicom] section
+    http: Http | None = None  # the web app is off without an [http] section
 
 
 SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import,
-            "distribute": Distribute, "dicom": Dicom}
+            "distribute": Distribute, "dicom": Dicom, "http": Http}
 PATH_KEYS = {"drop_dir", "dir", "rejected_dir", "done_dir"}
 FILE_KEYS = {"tls_cert", "tls_key", "tls_ca"}
 REQUIRED = {"watch": {"drop_dir"}, "archive": {"dir", "rejected_dir"}}
@@ -135,7 +144,8 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
         sections[name] = _section(name, cls, dict(data.get(name, {})), base)
     config = Config(sections["watch"], sections["archive"], sections["database"],
                     sections["import"], path, sections["distribute"],
-                    sections["dicom"] if "dicom" in data else None)
+                    sections["dicom"] if "dicom" in data else None,
+                    sections["http"] if "http" in data else None)
     _check(config)
     return config
 
@@ -215,6 +225,8 @@ def _check(config: Config) -> None:
                           "its file rejected as truncated")
     if config.dicom is not None:
         _check_dicom(config.dicom)
+    if config.http is not None:
+        _check_http(config.http, config.dicom)
     if config.distribute.stable_seconds <= 0:
         raise ConfigError("distribute.stable_seconds must be positive")
     if w.rescan_seconds <= 0:
@@ -257,6 +269,22 @@ def _check_dicom(d: Dicom) -> None:
         raise ConfigError("dicom.tls_ca (client certificates) needs dicom.tls_cert and tls_key")
     if not d.creator:
         raise ConfigError("dicom.creator must not be empty")
+
+
+def _check_http(h: Http, dicom: Dicom | None) -> None:
+    if not 0 < h.port < 65536:
+        raise ConfigError("http.port must be between 1 and 65535")
+    if not h.bind.strip():
+        raise ConfigError('http.bind must name an address ("127.0.0.1", "::1", "0.0.0.0")')
+    try:
+        ipaddress.ip_address(h.bind)
+    except ValueError:
+        if h.bind != "localhost":
+            raise ConfigError(f"http.bind: {h.bind!r} is not an address") from None
+    if dicom is not None and dicom.port == h.port:
+        raise ConfigError(f"http.port and dicom.port are both {h.port}: give each its own")
+    if not 0 < h.session_hours <= 24 * 30:
+        raise ConfigError("http.session_hours must be more than 0 and at most 720 (30 days)")
 
 
 def _overlap(p: Path, q: Path) -> bool:

@@ -242,8 +242,24 @@ class Grant(BaseModel):
         indexes = ((("account", "study_database"), True),)
 
 
+class WebSetting(BaseModel):
+    """A value the web app keeps (its cookie-signing key: made once, never in code)."""
+    key = CharField(max_length=64, primary_key=True)
+    value = TextField()
+
+
+class WebSession(BaseModel):
+    """A sign-in to the web app (watcher/web/auth.py): the cookie holds its secret, signed; the
+    row only the sha256 of it. Signing out deletes the row; so does its account's deletion."""
+    token_hash = CharField(max_length=64, primary_key=True)
+    account = ForeignKeyField(Account, backref="sessions", on_delete="CASCADE")
+    csrf = CharField(max_length=64)  # the token every form of this session posts back
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+
+
 MODELS = [StudyDatabase, Route, Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc,
-          Account, ApiToken, Grant]
+          Account, ApiToken, Grant, WebSetting, WebSession]
 
 
 def is_shared() -> bool:

@@ -16,6 +16,7 @@ threads share one core, processes do not.
 
 import collections
 import ctypes
+import dataclasses
 import datetime
 import errno
 import logging
@@ -60,7 +61,7 @@ IGNORED_WARN_SECONDS = 86400.0  # an ignored file that looks like DICOM, in the 
 
 class Service:
     def __init__(self, config: Config, clock=time.time, shard: tuple[int, int] = (0, 1),
-                 monotonic=time.monotonic):
+                 monotonic=time.monotonic, listeners: "Listeners | None" = None):
         """``shard`` (k, n): this service takes the paths whose hash is k modulo n.
 
         ``clock`` (wall time) is compared with file timestamps; ``monotonic`` orders the
@@ -73,7 +74,9 @@ class Service:
         node = config.import_.node
         self.node = node if shard[0] == 0 else f"{node}#{shard[0]}"
         self._routine = Routine(config)
-        self._receiver = None  # the DICOM network receiver, with a [dicom] section (shard 0)
+        self._receiver = None  # the DICOM network receiver, with a [dicom] section (each shard)
+        self._listeners = listeners or Listeners()  # sockets opened by run() before the fork
+        self._web = None  # the web app, with an [http] section (shard 0)
         self.schedule = Schedule(monotonic)
         self.observed = settle.Observed(monotonic)
         self.done_at: dict = {}  # path -> when (wall) a writer closed it or it was renamed in
@@ -127,9 +130,12 @@ class Service:
             self._scheduler.add_job(self.distribute, "interval", seconds=ROUTINE_SECONDS,
                                     id="distribute", max_instances=1, coalesce=True)
         self._scheduler.start()
-        if self.shard[0] == 0 and self.config.dicom is not None:
+        if self.config.dicom is not None:
             from .receive import Receiver
-            self._receiver = Receiver(self.config).start()
+            self._receiver = Receiver(self.config, self.node, self._listeners.dicom).start()
+        if self.shard[0] == 0 and self.config.http is not None:
+            from .web.server import WebServer
+            self._web = WebServer(self.config, self._listeners.http).start()
         for n in range(self.config.import_.workers):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             worker.start()
@@ -142,6 +148,8 @@ class Service:
     def stop(self) -> None:
         """Finish the files in hand, then stop observer, scheduler and workers."""
         self.stopping.set()
+        if self._web is not None:
+            self._web.stop()
         if self._receiver is not None:
             self._receiver.stop()
         if self._observer is not None:
@@ -633,9 +641,10 @@ def run(config: Config, stop: threading.Event) -> None:
             systemd.notify("STOPPING=1")
         return
     models.database.close()  # the children open their own connections
+    listener = Listeners.open(config)
     life, life_w = os.pipe()  # each child writes its shard number here every LIFE_SECONDS
     os.set_blocking(life, False)
-    children = {_fork(config, (k, processes), stop, life_w): k for k in range(processes)}
+    children = {_fork(config, (k, processes), stop, life_w, listener): k for k in range(processes)}
     pulse = _Pulse(processes, watchdog)
     restarts = collections.Counter()
     while not stop.wait(0.5):
@@ -651,7 +660,7 @@ def run(config: Config, stop: threading.Event) -> None:
                          k + 1, processes, pid, status)
             stop.wait(min(2 ** restarts[k], MAX_PAUSE))
             if not stop.is_set():
-                children[_fork(config, (k, processes), stop, life_w)] = k
+                children[_fork(config, (k, processes), stop, life_w, listener)] = k
     systemd.notify("STOPPING=1")
     for pid in children:
         os.kill(pid, signal.SIGTERM)
@@ -659,6 +668,7 @@ def run(config: Config, stop: threading.Event) -> None:
         os.waitpid(pid, 0)
     os.close(life)
     os.close(life_w)
+    listener.close()
 
 
 LIFE_SECONDS = 1.0  # an importer child shows life this often
@@ -727,7 +737,39 @@ def _show_life(fd: int, k: int, stop: threading.Event) -> None:
             return
 
 
-def _fork(config: Config, shard: tuple[int, int], stop: threading.Event, life: int) -> int:
+@dataclasses.dataclass
+class Listeners:
+    """The service's listening sockets, opened by the supervisor before it forks: a port that
+    is taken stops ``run`` at once, with a message naming its key, instead of an importer
+    that fails and is restarted again and again. Every importer accepts DICOM associations
+    on ``dicom``; importer 0 serves the web app on ``http``."""
+
+    dicom: "socket.socket | None" = None
+    http: "socket.socket | None" = None
+
+    @classmethod
+    def open(cls, config: Config) -> "Listeners":
+        opened = cls()
+        try:
+            if config.dicom is not None:
+                from .receive import listen
+                opened.dicom = listen(config.dicom)
+            if config.http is not None:
+                from .web.server import listen as listen_http
+                opened.http = listen_http(config.http)
+        except BaseException:
+            opened.close()
+            raise
+        return opened
+
+    def close(self) -> None:
+        for sock in (self.dicom, self.http):
+            if sock is not None:
+                sock.close()
+
+
+def _fork(config: Config, shard: tuple[int, int], stop: threading.Event, life: int,
+          listeners: "Listeners | None" = None) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -737,7 +779,7 @@ def _fork(config: Config, shard: tuple[int, int], stop: threading.Event, life: i
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == parent:  # (else the parent died before the prctl)
             models.connect(config.database.url, migrate=False)
-            with Service(config, shard=shard):
+            with Service(config, shard=shard, listeners=listeners):
                 threading.Thread(target=_show_life, args=(life, shard[0], stop),
                                  name="watcher-life", daemon=True).start()
                 stop.wait()
