@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import logs, models, report, retrieve, runlock
-from . import verify as verifying
+from . import logs, models, report, runlock
 from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Refused, Unavailable
 from .models import IMPORT
@@ -323,6 +322,7 @@ def verify(config_path, as_json, repair):
     Exits 1 when a row's file is missing or differs. Example: dicom-watcher verify
     """
     config = _open(config_path, read_only=not repair)
+    from . import verify as verifying  # (here: a read command need not load what it never runs)
     found = verifying.verify(config.archive.dir)
     removed = verifying.repair(config.archive.dir, found) if repair else []
     if as_json:
@@ -347,6 +347,7 @@ def retry(config_path, sources, as_json):
     Example: dicom-watcher retry cdrom/DICOM/IMG0001
     """
     config = _open(config_path)
+    from . import retrieve
     moved = retrieve.retry(config, sources)
     if as_json:
         return _print_json({"put_back": len(moved), "sources": moved})
@@ -366,6 +367,7 @@ def export(config_path, uid, dest, as_json, database_name):
 
     Example: dicom-watcher export 1.2.826.0.1.3680043.8.498.1 /tmp/out
     """
+    from . import retrieve
     config = _open(config_path, read_only=True)
     try:
         written = retrieve.export(config, uid, dest, _database_ids(database_name))
