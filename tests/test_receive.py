@@ -210,12 +210,19 @@ def load_url(path):
     return load(path).database.url
 
 
-def test_sigterm_lets_a_transfer_in_flight_finish(tmp_path, db_url):
-    port = free_port()
-    path = write_config_file(tmp_path, db_url)
-    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n')
+def start_service(tmp_path, db_url, port, dicom="", **overrides):
+    """``dicom-watcher run`` with a [dicom] section on ``port`` (plus the lines ``dicom``);
+    its config file's path and the process, its log in tmp_path/service.log."""
+    path = write_config_file(tmp_path, db_url, **overrides)
+    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n{dicom}')
     service = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(path)],
                                stderr=(tmp_path / "service.log").open("ab"))
+    return path, service
+
+
+def test_sigterm_lets_a_transfer_in_flight_finish(tmp_path, db_url):
+    port = free_port()
+    path, service = start_service(tmp_path, db_url, port)
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
@@ -319,10 +326,7 @@ def test_associations_are_spread_over_the_importer_processes_and_the_port_is_our
     """The service listens once, before it forks; every importer accepts on that socket, so
     senders are served by several processes (cores). Nobody else can listen on the port."""
     port = free_port()
-    path = write_config_file(tmp_path, db_url, **{"import": {"node": "test-node", "processes": 2}})
-    path.write_text(path.read_text() + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\n')
-    service = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(path)],
-                               stderr=(tmp_path / "service.log").open("ab"))
+    path, service = start_service(tmp_path, db_url, port, **{"import": {"node": "test-node", "processes": 2}})
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")

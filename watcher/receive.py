@@ -28,9 +28,9 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import archive, source
+from . import archive, ports, source
 from .config import Config
-from .errors import Busy, ConfigError, Unavailable
+from .errors import Busy, Unavailable
 from .origin import from_dicom
 from .pipeline import ingest_object, is_unavailable
 
@@ -50,26 +50,8 @@ STATUS_FOR = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}
 _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-def listen(dicom) -> socket.socket:
-    """The receiver's listening socket. The service opens it once, before it forks its
-    importers: each of them accepts connections on it, so associations are spread over the
-    processes (and their cores), while the port stays ours alone (no SO_REUSEPORT: a second
-    program on the same port is refused, never handed half the connections)."""
-    family = socket.AF_INET6 if ":" in (dicom.bind or "") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((dicom.bind, dicom.port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"dicom.port {dicom.port}: cannot listen on {dicom.bind or '*'}:{dicom.port}: "
-                          f"{exc.strerror or exc} (is another program using it?)") from None
-    return sock
-
-
 class _AcceptingOn(ThreadedAssociationServer):
-    """pynetdicom's server, accepting on a socket that is already listening (``listen``)
+    """pynetdicom's server, accepting on a socket that is already listening (watcher/ports.py)
     instead of binding its own. Its accept loop must never block (another importer may take
     the connection first), so the socket is non-blocking; accepted connections are not."""
 
@@ -106,7 +88,8 @@ class _AE(AE):
 class Receiver:
     def __init__(self, config: Config, node: str | None = None, listener: socket.socket | None = None):
         """``node``: this importer's name (its incoming folder); ``listener``: the service's
-        listening socket (``listen``), else the receiver opens its own."""
+        listening socket (watcher/ports.py), opened before it forked its importers so that each
+        of them accepts associations on it; else the receiver opens its own."""
         self.config = config
         self.dicom = config.dicom
         self.networks = [ipaddress.ip_network(h, strict=False) for h in self.dicom.allowed_hosts]
@@ -121,7 +104,7 @@ class Receiver:
         # pynetdicom names its files with the tempfile module, in its default folder: ours.
         tempfile.tempdir = str(self.incoming)
         if self.listener is None:
-            self.listener = listen(self.dicom)
+            self.listener = ports.listen("dicom", self.dicom.bind, self.dicom.port)
         ae = _AE(ae_title=self.dicom.ae_title)
         ae.server_class = type("AcceptingOnOurs", (_AcceptingOn,), {"listener": self.listener})
         ae.maximum_associations = self.dicom.max_associations

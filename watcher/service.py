@@ -33,7 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import archive, beneath, claims, detect, dispose, logs, models, settle, systemd
+from . import archive, beneath, claims, detect, dispose, logs, models, ports, settle, systemd
 from .config import Config
 from .discs import warn_incomplete
 from .errors import Unavailable
@@ -752,11 +752,9 @@ class Listeners:
         opened = cls()
         try:
             if config.dicom is not None:
-                from .receive import listen
-                opened.dicom = listen(config.dicom)
+                opened.dicom = ports.listen("dicom", config.dicom.bind, config.dicom.port)
             if config.http is not None:
-                from .web.server import listen as listen_http
-                opened.http = listen_http(config.http)
+                opened.http = ports.listen("http", config.http.bind, config.http.port)
         except BaseException:
             opened.close()
             raise

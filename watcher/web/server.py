@@ -1,10 +1,9 @@
 """The web app served by uvicorn in a thread of the service (importer 0), like the DICOM receiver.
 
-The socket is bound here, before the thread starts: a port that is taken stops ``run`` with a
-message naming the key, instead of a thread that dies quietly. ``stop`` stops accepting, gives
+Its socket is opened before the thread starts (by ``run`` before it forks, or here;
+watcher/ports.py): a port that is taken stops ``run`` with a message naming the key. ``stop`` stops accepting, gives
 the requests in flight GRACE_SECONDS, and returns within a few seconds (SIGTERM)."""
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -12,6 +11,7 @@ import time
 
 import uvicorn
 
+from .. import ports
 from ..config import Config
 from ..errors import ConfigError
 from .app import create_app
@@ -22,7 +22,7 @@ GRACE_SECONDS = 3
 
 class WebServer:
     def __init__(self, config: Config, listener: socket.socket | None = None):
-        """``listener``: the service's bound socket (``listen``), else the server binds its own."""
+        """``listener``: the service's socket (watcher/ports.py), else the server opens its own."""
         self.config = config
         self._given = listener
         self.server: uvicorn.Server | None = None
@@ -31,7 +31,7 @@ class WebServer:
 
     def start(self) -> "WebServer":
         h = self.config.http
-        self._socket = self._given if self._given is not None else listen(h)
+        self._socket = self._given if self._given is not None else ports.listen("http", h.bind, h.port)
         self.server = uvicorn.Server(uvicorn.Config(
             create_app(self.config), log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=GRACE_SECONDS, server_header=False))
@@ -60,23 +60,4 @@ class WebServer:
         self.server = self._thread = self._socket = None
 
 
-def listen(http) -> socket.socket:
-    """The web app's socket, bound (uvicorn listens on it)."""
-    address, port = http.bind, http.port
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    except ValueError:  # localhost
-        family = socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        sock.set_inheritable(False)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"http.port {port} on {address} (http.bind) cannot be used: "
-                          f"{exc.strerror}") from None
-    return sock
-
-
-__all__ = ["WebServer", "listen"]
+__all__ = ["WebServer"]
