@@ -145,8 +145,11 @@ def run(config_path, create):
     import threading
 
     stop = threading.Event()  # first of all: a SIGTERM during start-up must stop us cleanly too
+    # The handler runs in the main thread between two of its steps, possibly inside
+    # ``stop.wait()`` while that holds the event's (non-reentrant) lock: setting the event
+    # right there would wait for that lock forever. Another thread sets it.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     from .service import run as run_service
     from .studies.routine import Routine
     config = _open(config_path)
