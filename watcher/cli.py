@@ -28,7 +28,10 @@ def _importing(config, what: str, create: bool):
     """The checks and the lock every command that imports needs; exits with a message."""
     try:
         check_drop_dir(config, create)
-        lock = runlock.hold(config.database.url, config.import_.node, what)
+        url = config.database.url
+        if url.startswith("sqlite:///"):  # (the lock file lies beside the database)
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        lock = runlock.hold(url, config.import_.node, what)
         lock.__enter__()
     except (ConfigError, runlock.AlreadyRunning) as exc:
         raise click.ClickException(str(exc)) from None
@@ -41,17 +44,28 @@ def _importing(config, what: str, create: bool):
 def _open(config_path, read_only: bool = False):
     """The config and the database; ``read_only`` for commands that only look: they work for a
     user who may only read the database, never create or migrate it, never wait for a lock."""
+    config = _config(config_path)
+    _connect(config, read_only)
+    return config
+
+
+def _config(config_path):
     try:
-        config = from_env_or(config_path)
+        return from_env_or(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _connect(config, read_only: bool = False) -> None:
+    """Open (and, unless ``read_only``, create or migrate) the database. The importing
+    commands call it holding the run lock, so a second one is refused by the lock, with
+    the holder's name, rather than by a database busy migrating."""
     try:
         models.connect(config.database.url, readonly=read_only)
     except models.NotReady as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(f"cannot open the database {config.database.url}: {exc}") from None
-    return config
 
 
 def _print_json(value) -> None:
@@ -107,9 +121,10 @@ def scan(config_path, final, create, as_json):
     Example: dicom-watcher scan --config etc/watcher.toml --final --json
     """
     from .sweep import sweep
-    config = _open(config_path)
+    config = _config(config_path)
     progress = _Progress() if sys.stderr.isatty() else None
     with _importing(config, "scan", create):
+        _connect(config)
         try:
             counts = sweep(config, final=final, progress=progress)
         except Unavailable as exc:
@@ -152,12 +167,13 @@ def run(config_path, create):
         signal.signal(signum, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     from .service import run as run_service
     from .studies.routine import Routine
-    config = _open(config_path)
-    try:
-        Routine(config).check()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = _config(config_path)
     with _importing(config, "run", create):
+        _connect(config)
+        try:
+            Routine(config).check()
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
         try:
             run_service(config, stop)
         except ConfigError as exc:  # (found only on starting: a port that is taken)
