@@ -286,7 +286,7 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
     ``sop_class_uid`` / ``sop_instance_uid``: what the sender said it was sending.
     """
     started = time.monotonic()
-    label = f"{origin.kind}/{origin.calling_ae or '-'}/{sop_instance_uid or path.name}"
+    label = origin.label(sop_instance_uid or path.name)
     with Source(path.parent, path.name, lease=False, private=True) as source:
         try:
             info = validate(source)

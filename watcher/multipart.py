@@ -1,0 +1,146 @@
+"""``multipart/related; type="application/dicom"`` bodies, both ways, streamed with flat memory.
+
+DICOMweb moves originals in these: STOW-RS uploads (read here into files, one per part) and
+WADO-RS answers (written here from files; read here by a replication). The parsing is
+python-multipart's; this module only says where each part's bytes go.
+"""
+
+import os
+import secrets
+from email.message import Message
+from pathlib import Path
+
+from python_multipart.multipart import MultipartParser
+
+from .errors import Refused
+
+DICOM = "application/dicom"
+CHUNK = 1 << 20
+
+
+class BadBody(Refused):
+    """Not a multipart/related body we can read (400), or one cut short."""
+
+
+def media_type(content_type: str) -> tuple[str, dict]:
+    """(``multipart/related``, its parameters in lower case keys) of a Content-Type value."""
+    message = Message()
+    message["content-type"] = content_type or ""
+    params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
+    return message.get_content_type(), params
+
+
+def boundary_of(content_type: str, part_type: str = DICOM) -> str:
+    """The boundary of a ``multipart/related`` body whose parts are ``part_type``;
+    ``BadBody`` otherwise (an absent ``type`` parameter is taken to mean ``part_type``)."""
+    kind, params = media_type(content_type)
+    if kind != "multipart/related":
+        raise BadBody(f"expected multipart/related; type=\"{part_type}\", not {content_type!r}")
+    if params.get("type", part_type).lower() != part_type:
+        raise BadBody(f"the parts must be {part_type}, not {params.get('type')!r}")
+    if not params.get("boundary"):
+        raise BadBody("multipart/related without a boundary")
+    return params["boundary"]
+
+
+class Part:
+    """One part written to a file: where, its headers, its size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.headers: dict[str, str] = {}
+        self.size = 0
+
+    @property
+    def content_type(self) -> str:
+        return media_type(self.headers.get("content-type", DICOM))[0]
+
+
+class PartsToFiles:
+    """Feed it a body chunk by chunk; each part lands in its own new file in ``folder``
+    (created exclusively, never a name that exists). ``close()`` says whether the body ended
+    properly; ``BadBody`` if it did not. The files are the caller's to remove."""
+
+    def __init__(self, folder: Path, boundary: str, prefix: str = "part", max_parts: int = 100_000):
+        self.folder, self.prefix, self.max_parts = folder, prefix, max_parts
+        self.parts: list[Part] = []
+        self._fd: int | None = None
+        self._field = self._value = b""
+        self._ended = False
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
+            "on_header_field": self._header_field, "on_header_value": self._header_value,
+            "on_header_end": self._header_end, "on_end": self._finish})
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except BadBody:
+            raise
+        except Exception as exc:  # python-multipart's errors: a malformed body
+            raise BadBody(f"malformed multipart body: {exc}") from None
+
+    def close(self) -> list[Part]:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._ended:
+            raise BadBody("the multipart body ended before its closing boundary")
+        return self.parts
+
+    def abandon(self) -> None:
+        """Remove every file written so far (a body that failed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for part in self.parts:
+            part.path.unlink(missing_ok=True)
+
+    def _begin(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise BadBody(f"more than {self.max_parts} parts")
+        path = self.folder / f"{self.prefix}-{secrets.token_hex(8)}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.parts.append(Part(path))
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        view = memoryview(data)[start:end]
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.parts[-1].size += end - start
+
+    def _end(self) -> None:
+        os.close(self._fd)
+        self._fd = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self.parts[-1].headers[name] = self._value.decode("latin-1").strip()
+        self._field = self._value = b""
+
+    def _finish(self) -> None:
+        self._ended = True
+
+
+def new_boundary() -> str:
+    return "dw-" + secrets.token_hex(16)
+
+
+def files_body(paths, boundary: str, part_type: str = DICOM):
+    """The bytes of a ``multipart/related`` body made of these files, a chunk at a time
+    (``paths`` may be any iterable: it is read lazily)."""
+    head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+    for path in paths:
+        yield head
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
