@@ -88,7 +88,7 @@ class Site:
         return self.cli("users", "token", name).strip().splitlines()[-1]
 
     def get(self, path, token=None, **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {**kwargs.pop("headers", {}), **({"Authorization": f"Bearer {token}"} if token else {})}
         return httpx.get(self.url + path, headers=headers, timeout=30, **kwargs)
 
     def login(self, name, password=PASSWORD) -> httpx.Client:

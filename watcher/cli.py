@@ -429,9 +429,11 @@ def discs(config_path, as_json):
 
 from .cli_studies import databases, distribute  # noqa: E402 (they use the helpers above)
 from .cli_users import grant, revoke, users  # noqa: E402
+from .cli_replicate import replicate  # noqa: E402
 
 cli.add_command(databases)
 cli.add_command(distribute)
 cli.add_command(users)
 cli.add_command(grant)
 cli.add_command(revoke)
+cli.add_command(replicate)

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import replication_config
 from .errors import ConfigError
 from .studies import rules
 
@@ -92,6 +93,7 @@ class Config:
     distribute: Distribute = Distribute()
     dicom: Dicom | None = None  # the receiver is off without a [dicom] section
     http: Http | None = None  # the web app is off without an [http] section
+    replication: tuple = ()  # replication_config.Replication, one per [[replication]] table
 
 
 SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import,
@@ -134,6 +136,8 @@ def _text(raw: bytes, path: Path) -> str:
 
 
 def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
+    data = dict(data)
+    replication = replication_config.parse(data.pop("replication", []))
     unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]; known: {', '.join(SECTIONS)}")
@@ -145,7 +149,7 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
     config = Config(sections["watch"], sections["archive"], sections["database"],
                     sections["import"], path, sections["distribute"],
                     sections["dicom"] if "dicom" in data else None,
-                    sections["http"] if "http" in data else None)
+                    sections["http"] if "http" in data else None, replication)
     _check(config)
     return config
 

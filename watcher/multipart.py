@@ -133,14 +133,18 @@ def new_boundary() -> str:
     return "dw-" + secrets.token_hex(16)
 
 
-def files_body(paths, boundary: str, part_type: str = DICOM):
-    """The bytes of a ``multipart/related`` body made of these files, a chunk at a time
-    (``paths`` may be any iterable: it is read lazily)."""
+def body(parts, boundary: str, part_type: str = DICOM):
+    """The bytes of a ``multipart/related`` body, a chunk at a time; ``parts`` yields each
+    part's chunks (an iterable of iterables, read lazily)."""
     head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
-    for path in paths:
+    for chunks in parts:
         yield head
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
+        yield from chunks
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+
+
+def file_chunks(path):
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk

@@ -43,6 +43,8 @@ class Outcome:
     undisposed: str = ""  # recorded, but the file could not be removed or moved: the error
     again: bool = False  # the name now holds another version (or a writer waits): look again
     waiting: str = ""  # why a pending file waits: incomplete, open-for-writing, changing, cannot-dispose
+    sop_class_uid: str | None = None  # (ingest_object: what an intake answers its sender with)
+    study_uid: str | None = None
 
 
 def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
@@ -276,14 +278,15 @@ def _discard(stored, config: Config) -> None:
 
 
 def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
-                  sop_instance_uid: str = "") -> Outcome:
+                  sop_instance_uid: str = "", study_uid: str | None = None) -> Outcome:
     """An object that arrived whole and is ours alone (a C-STORE's dataset, written by the
     receiver into the archive's folder for incoming objects), through the same stages as a
     dropped file: validate, store, record. The caller acknowledges it only if the outcome is
     ``imported`` or ``duplicate``: then the original is durable and its row committed. A
     rejected object is kept in ``rejected_dir/<label>``, with its row; a database or disk
     outage raises (the object is not kept: its sender still has it and was not told success).
-    ``sop_class_uid`` / ``sop_instance_uid``: what the sender said it was sending.
+    ``sop_class_uid`` / ``sop_instance_uid``: what the sender said it was sending;
+    ``study_uid``: the study it said the object belongs to (an upload to one study).
     """
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
@@ -295,6 +298,10 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                 raise Rejected("meta-mismatch", (
                     f"the dataset is {info.sop_class_uid} {info.sop_instance_uid}, but the sender "
                     f"said {said[0]} {said[1]}"))
+            if study_uid is not None and info.study_instance_uid != study_uid:
+                raise Rejected("meta-mismatch", (
+                    f"the dataset belongs to study {info.study_instance_uid}, but it was sent to "
+                    f"study {study_uid}"))
             stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED)
             record = catalog.InstanceRecord(info, stored, label, origin.creator,
                                             config.import_.node, origin)
@@ -305,7 +312,8 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                 raise
             if result == "duplicate":
                 _discard(stored, config)
-            outcome = Outcome(result, label, info.sop_instance_uid, stored.sha256)
+            outcome = Outcome(result, label, info.sop_instance_uid, stored.sha256,
+                              sop_class_uid=info.sop_class_uid, study_uid=info.study_instance_uid)
         except Rejected as exc:
             outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
                               dest_rel=_safe_rel(label), recorded_as=label)

@@ -28,23 +28,16 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import archive, ports, source
+from . import archive, ports, source, statuses
 from .config import Config
 from .errors import Busy, Unavailable
 from .origin import from_dicom
 from .pipeline import ingest_object, is_unavailable
+from .statuses import OUT_OF_RESOURCES, SUCCESS
 
 LOGGER = logging.getLogger(__name__)
 STOP_SECONDS = 10.0  # SIGTERM: C-STOREs in flight get this long to finish
 ACCEPT_DELAY_SECONDS = 0.005  # per association an importer serves already (see _AcceptingOn)
-
-# C-STORE statuses (PS3.4 Annex B.2.3)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-CONFLICT = 0xC001  # a "cannot understand" code of our own: the UID is stored with other bytes
-STATUS_FOR = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}
 
 # pynetdicom writes each dataset to a file as it arrives (the folder: see Receiver.start)
 _config.STORE_RECV_CHUNKED_DATASET = True
@@ -232,9 +225,9 @@ class Receiver:
                 return _status(OUT_OF_RESOURCES, "archive or database unavailable; send again later")
             LOGGER.exception("C-STORE from %s failed", origin.describe())
             return _status(OUT_OF_RESOURCES, f"{type(exc).__name__}: not stored; send again")
-        if outcome.outcome in ("imported", "duplicate"):
+        status = statuses.of(outcome)
+        if status == SUCCESS:
             return SUCCESS
-        status = STATUS_FOR.get(outcome.reason, CANNOT_UNDERSTAND)
         return _status(status, f"{outcome.reason}: kept as rejected; {outcome.detail}")
 
 

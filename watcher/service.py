@@ -129,6 +129,12 @@ class Service:
                                     next_run_time=datetime.datetime.now())
             self._scheduler.add_job(self.distribute, "interval", seconds=ROUTINE_SECONDS,
                                     id="distribute", max_instances=1, coalesce=True)
+            if self.config.replication:  # [[replication]]: pulls from other archives
+                from . import replication_config
+                self._scheduler.add_job(replication_config.run_due, "interval", seconds=60,
+                                        args=(self.config, self.stopping), id="replication",
+                                        max_instances=1, coalesce=True,
+                                        next_run_time=datetime.datetime.now())
         self._scheduler.start()
         if self.config.dicom is not None:
             from .receive import Receiver

@@ -37,6 +37,7 @@ class Unit:
     study_instance_uid: str
     series: tuple | None = None  # Series Instance UIDs; None: the whole study
     instances: int = 0  # in the source when planned
+    only: tuple | None = None  # SOP Instance UIDs: these alone (an upload into a study database)
 
 
 @dataclasses.dataclass
@@ -132,7 +133,7 @@ def move(unit: Unit, source: str, target: str, copy: bool = False, actor: str = 
         done = _move(unit, src, dst, copy, actor, utcnow())
         if done.moved or done.present or done.conflicts:
             _record(done, unit, src.name, dst.name, copy, actor, late)
-        if not copy and unit.series is None and (done.moved or done.present):
+        if not copy and unit.series is None and unit.only is None and (done.moved or done.present):
             _route(unit.study_instance_uid, dst.id, actor)
     if done.moved or done.present or done.conflicts:
         LOGGER.info("distributed study %s from %s to %s by %s: %d %s, %d already there, "
@@ -155,12 +156,15 @@ def _move(unit: Unit, src, dst, copy: bool, actor: str, now: datetime.datetime) 
         series = series.where(Series.series_instance_uid.in_(list(unit.series)))
     target_study = None
     for s in series:
-        if not Instance.select().where(Instance.series == s.id).exists():
+        held = Instance.select().where(Instance.series == s.id)
+        if unit.only:
+            held = held.where(Instance.sop_instance_uid.in_(list(unit.only)))
+        if not held.exists():
             continue
         if target_study is None:
             target_study = _twin(Study, study, dst.id, patient=_twin(Patient, study.patient, dst.id))
         target_series = _twin(Series, s, dst.id, study=target_study)
-        _move_series(s.id, target_series, src, dst, copy, actor, now, done)
+        _move_series(s.id, target_series, src, dst, copy, actor, now, done, unit.only)
     return done
 
 
@@ -179,23 +183,25 @@ def _twin(model, row, database_id: int, **parents) -> int:
 
 
 def _move_series(series_id: int, target_series: int, src, dst, copy: bool, actor: str,
-                 now: datetime.datetime, done: Moved) -> None:
+                 now: datetime.datetime, done: Moved, only: tuple | None = None) -> None:
     p = database.param
     same_uid = (f'SELECT 1 FROM "instance" "t" WHERE "t"."database_id" = {p} '
                 f'AND "t"."sop_instance_uid" = "instance"."sop_instance_uid"')
-    present = (f'SELECT count(*) FROM "instance" WHERE "series_id" = {p} AND EXISTS '
+    these = f' AND "sop_instance_uid" IN ({", ".join([p] * len(only))})' if only else ""
+    those = tuple(only or ())
+    present = (f'SELECT count(*) FROM "instance" WHERE "series_id" = {p}{these} AND EXISTS '
                f'({same_uid} AND "t"."sha256" = "instance"."sha256")')
-    done.present += database.execute_sql(present, (series_id, dst.id)).fetchone()[0]
+    done.present += database.execute_sql(present, (series_id, *those, dst.id)).fetchone()[0]
     if not copy:
-        database.execute_sql(f'DELETE FROM "instance" WHERE "series_id" = {p} AND EXISTS '
+        database.execute_sql(f'DELETE FROM "instance" WHERE "series_id" = {p}{these} AND EXISTS '
                              f'({same_uid} AND "t"."sha256" = "instance"."sha256")',
-                             (series_id, dst.id))
+                             (series_id, *those, dst.id))
     note = (f"{dst.name} holds other bytes under this SOP Instance UID (distribution by {actor} "
             f"at {str(now)[:19]}): left here; decide which is right")
     done.conflicts += database.execute_sql(
-        f'UPDATE "instance" SET "conflict" = {p} WHERE "series_id" = {p} AND EXISTS '
+        f'UPDATE "instance" SET "conflict" = {p} WHERE "series_id" = {p}{these} AND EXISTS '
         f'({same_uid} AND "t"."sha256" <> "instance"."sha256")',
-        (note, series_id, dst.id)).rowcount
+        (note, series_id, *those, dst.id)).rowcount
     stamp = (actor, now, src.name)
     if copy:
         columns = ", ".join(f'"{c}"' for c in COPIED)
@@ -203,14 +209,14 @@ def _move_series(series_id: int, target_series: int, src, dst, copy: bool, actor
             f'INSERT INTO "instance" ({columns}, "database_id", "series_id", "distributed_by", '
             f'"distributed_at", "distributed_from", "conflict") '
             f'SELECT {columns}, {p}, {p}, {p}, {p}, {p}, {p} FROM "instance" '
-            f'WHERE "series_id" = {p} AND NOT EXISTS ({same_uid})',
-            (dst.id, target_series, *stamp, "", series_id, dst.id))
+            f'WHERE "series_id" = {p}{these} AND NOT EXISTS ({same_uid})',
+            (dst.id, target_series, *stamp, "", series_id, *those, dst.id))
     else:
         cursor = database.execute_sql(
             f'UPDATE "instance" SET "database_id" = {p}, "series_id" = {p}, "distributed_by" = {p}, '
             f'"distributed_at" = {p}, "distributed_from" = {p}, "conflict" = {p} '
-            f'WHERE "series_id" = {p} AND NOT EXISTS ({same_uid})',
-            (dst.id, target_series, *stamp, "", series_id, dst.id))
+            f'WHERE "series_id" = {p}{these} AND NOT EXISTS ({same_uid})',
+            (dst.id, target_series, *stamp, "", series_id, *those, dst.id))
     done.moved += cursor.rowcount
 
 
@@ -218,6 +224,7 @@ def _record(done: Moved, unit: Unit, source: str, target: str, copy: bool, actor
             late: bool) -> None:
     what = "copied" if copy else "moved"
     part = f" (series {', '.join(unit.series)})" if unit.series else ""
+    part += f" ({len(unit.only)} uploaded instances)" if unit.only else ""
     detail = (f"{done.moved} instances {what} from {source} to {target} by {actor}"
               f"{' as late arrivals following their study' if late else ''}{part}; "
               f"{done.present} already there; {done.conflicts} conflicts left in {source}")

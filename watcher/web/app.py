@@ -18,7 +18,8 @@ from .. import browse, report
 from ..config import Config
 from ..errors import Refused
 from ..studies import rights
-from . import api, metrics, pages
+from .. import upload
+from . import api, dicomweb, metrics, pages
 from .auth import Auth, BadCsrf, SignInNeeded, connected
 
 LOGGER = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def create_app(config: Config) -> FastAPI:
             return Response(metrics.scrape(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api.router(web))
+    app.include_router(dicomweb.router(web))
+    upload.clear_incoming(config)  # parts of uploads cut short by our last stop: never acknowledged
     app.include_router(pages.router(web))
     _errors(app)
     return app
@@ -63,14 +66,14 @@ def create_app(config: Config) -> FastAPI:
 
 def _errors(app: FastAPI) -> None:
     def answer(request: Request, status: int, message: str):
-        if request.url.path.startswith("/api/"):
+        if _for_programs(request):
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return JSONResponse({"detail": message}, status_code=status, headers=headers)
         return pages.render(request, "error.html", status_code=status, status=status, message=message)
 
     @app.exception_handler(SignInNeeded)
     def sign_in(request: Request, exc: SignInNeeded):
-        if request.url.path.startswith("/api/") or request.method != "GET":
+        if _for_programs(request) or request.method != "GET":
             return answer(request, 401, str(exc))
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse("/login?next=" + quote(target, safe=""), status_code=303)
@@ -83,6 +86,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(browse.NotFound)
     def not_found(request: Request, exc: Refused):
         return answer(request, 404, str(exc))
+
+    @app.exception_handler(dicomweb.NotAcceptable)
+    def not_acceptable(request: Request, exc: Refused):
+        return answer(request, 406, str(exc))
 
     @app.exception_handler(rights.Forbidden)
     def forbidden(request: Request, exc: Refused):
@@ -97,6 +104,11 @@ def _errors(app: FastAPI) -> None:
     def unavailable(request: Request, exc: Exception):
         LOGGER.warning("web: the database did not answer %s %s: %s", request.method, request.url.path, exc)
         return answer(request, 503, "the database is not available; try again in a moment")
+
+
+def _for_programs(request: Request) -> bool:
+    """The API and DICOMweb answer in JSON (401 asks for a token); the pages in HTML."""
+    return request.url.path.startswith(("/api/", "/dicom-web/"))
 
 
 __all__ = ["Web", "create_app"]

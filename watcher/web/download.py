@@ -4,7 +4,8 @@ zipfile writes into a sink that the generator empties after every chunk; entries
 (ZIP_STORED: DICOM is compressed or not as it came, and the bytes are the originals), sizes
 and CRCs follow each entry (a data descriptor), ZIP64 where an entry needs it. Each original is
 hashed as it is read: one that no longer matches its sha256 ends the download there, so the
-client gets a broken zip, never a wrong file in a whole one.
+client gets a broken zip, never a wrong file in a whole one. WADO-RS hands out the same
+checked bytes (``read_original``).
 """
 
 import hashlib
@@ -39,6 +40,26 @@ class DamagedOriginal(Exception):
     """An original is missing or its bytes no longer match its sha256: the download ends."""
 
 
+def read_original(archive_dir: Path, stored: str, sha256: str):
+    """An original's bytes, a chunk at a time, hashed as they are read: ``DamagedOriginal``
+    (after the last chunk, or at once when it cannot be read) if they no longer match."""
+    digest = hashlib.sha256()
+    try:
+        src = open(archive_dir / stored, "rb")
+    except OSError as exc:
+        LOGGER.error("download stopped: the original %s cannot be read (%s); run verify",
+                     stored, exc.strerror)
+        raise DamagedOriginal(stored) from None
+    with src:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            yield chunk
+    if digest.hexdigest() != sha256:
+        LOGGER.error("download stopped: the original %s no longer matches its sha256; "
+                     "run verify", stored)
+        raise DamagedOriginal(stored)
+
+
 def zip_stream(archive_dir: Path, files):
     """Yield the zip of ``files``: (name in the zip, path relative to ``archive_dir``, sha256,
     size), as browse.originals gives them."""
@@ -49,24 +70,12 @@ def zip_stream(archive_dir: Path, files):
             info.compress_type = zipfile.ZIP_STORED
             info.file_size = size
             info.external_attr = 0o644 << 16
-            digest = hashlib.sha256()
-            try:
-                src = open(archive_dir / stored, "rb")
-            except OSError as exc:
-                LOGGER.error("download stopped: the original %s cannot be read (%s); run verify",
-                             stored, exc.strerror)
-                raise DamagedOriginal(stored) from None
-            with src, zf.open(info, "w", force_zip64=size >= zipfile.ZIP64_LIMIT) as dst:
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
+            with zf.open(info, "w", force_zip64=size >= zipfile.ZIP64_LIMIT) as dst:
+                for chunk in read_original(archive_dir, stored, sha256):
                     dst.write(chunk)
                     yield sink.take()
-            if digest.hexdigest() != sha256:
-                LOGGER.error("download stopped: the original %s no longer matches its sha256; "
-                             "run verify", stored)
-                raise DamagedOriginal(stored)
             yield sink.take()
     yield sink.take()
 
 
-__all__ = ["DamagedOriginal", "zip_stream"]
+__all__ = ["DamagedOriginal", "read_original", "zip_stream"]

@@ -1,25 +1,21 @@
 """The pages: server-rendered HTML (Jinja2 templates in templates/), plain forms, no script.
-Signing in and out are the only forms that change anything; each carries its CSRF token."""
+Here: signing in and out, and what one reads; the forms that change studies, accounts and
+rights are in manage.py. Every form carries its CSRF token."""
 
 import asyncio
-from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from .. import browse, report
 from ..studies import accounts, databases, rights
+from . import manage
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, check_csrf, connected, safe_next
+from .html import TEMPLATES, render
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PAGE = 50
-
-
-def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
-    return TEMPLATES.TemplateResponse(request, name, context, status_code=status_code)
 
 
 def router(web) -> APIRouter:
@@ -119,8 +115,10 @@ def router(web) -> APIRouter:
             row = rights.require(user, "browse", db)
             found = browse.study(row.id, uid)
             may_download = rights.may(user, "download", db)
+            targets = manage.targets(user, db)
         return render(request, "study.html", user=user, csrf=session.csrf, db=db, study=found,
-                      download=f"/api/databases/{quote(db)}/studies/{quote(uid)}/archive" if may_download else None)
+                      download=f"/api/databases/{quote(db)}/studies/{quote(uid)}/archive" if may_download else None,
+                      targets=targets)
 
     @pages.get("/rejects", response_class=HTMLResponse)
     def rejects(request: Request):
@@ -132,6 +130,7 @@ def router(web) -> APIRouter:
         return render(request, "rejects.html", user=user, csrf=session.csrf,
                       rejects=rows[::-1][:500], total=len(rows))
 
+    pages.include_router(manage.router(web))
     return pages
 
 

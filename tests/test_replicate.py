@@ -1,0 +1,347 @@
+"""Replication from a real Orthanc (with its DICOMweb plugin), through the real command:
+originals arrive byte for byte, each exactly once, whoever is killed on the way."""
+
+import dataclasses
+import datetime
+import getpass
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from conftest import wait_for, write_config_file
+from dicomfiles import ct, write
+from watcher import models, replication_config
+from watcher.cli import cli
+from watcher.cli_replicate import replicate
+from watcher.config import load
+from watcher.errors import ConfigError
+from watcher.models import Event, Instance, Series, Study, StudyDatabase
+
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+REQUIRE = os.environ.get("WATCHER_REQUIRE_ORTHANC") == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Orthanc:
+    def __init__(self, url: str):
+        self.url = url
+        self.root = f"{url}/dicom-web/"
+
+    def upload(self, paths) -> dict[str, bytes]:
+        """POST /instances each file; {SOP Instance UID: the bytes uploaded}."""
+        sent = {}
+        with httpx.Client(timeout=30) as client:
+            for path in paths:
+                data = Path(path).read_bytes()
+                answer = client.post(f"{self.url}/instances", content=data)
+                assert answer.status_code == 200, answer.text
+                sent[_sop_of(path)] = data
+        return sent
+
+
+def _sop_of(path) -> str:
+    import pydicom
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """An Orthanc of our own, with DICOMweb, on free ports of 127.0.0.1."""
+    if not ORTHANC or not PLUGIN.is_file():
+        why = f"Orthanc ({ORTHANC or 'not found'}) or its DICOMweb plugin ({PLUGIN}) is missing"
+        if REQUIRE:
+            pytest.fail(f"WATCHER_REQUIRE_ORTHANC=1 but {why}")
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("orthanc")
+    http = free_port()
+    config = {"Name": "replication-source", "StorageDirectory": str(work / "storage"),
+              "IndexDirectory": str(work / "index"), "HttpPort": http, "DicomPort": free_port(),
+              "Plugins": [str(PLUGIN)], "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (work / "orthanc.json").write_text(json.dumps(config))
+    with open(work / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http}"
+
+    def up():
+        try:
+            return httpx.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    assert wait_for(up, timeout=30) and proc.poll() is None, (work / "orthanc.log").read_text()
+    yield Orthanc(url)
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def site(tmp_path, db_url):
+    """A config file and its database; ``site.replicate(*args, code=0)`` -> the JSON report."""
+    path = write_config_file(tmp_path, db_url)
+    cfg = load(path)
+    models.connect(cfg.database.url)
+
+    def run(command, *args, code=0):
+        result = CliRunner().invoke(command, [*args, "--config", str(path)])
+        models.connect(cfg.database.url)
+        assert result.exit_code == code, result.output + repr(result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+        return result.stdout if "--json" in args else result.output
+
+    class Site:
+        config, config_path = cfg, path
+
+        @staticmethod
+        def replicate(*args, code=0):
+            return json.loads(run(replicate, *args, "--json", code=code))
+
+        @staticmethod
+        def output(*args, code=0):
+            return run(replicate, *args, code=code)
+
+        @staticmethod
+        def cli(*args, code=0):
+            return run(cli, *args, code=code)
+
+    return Site
+
+
+def a_study(folder: Path, n: int, series: int = 1, **attributes) -> tuple[str, list[Path]]:
+    """``n`` instances of a new study in ``series`` series, written below ``folder``."""
+    study = ct().StudyInstanceUID
+    uids = [ct().SeriesInstanceUID for _ in range(series)]
+    files = [write(folder / f"{study[-10:]}-{i}.dcm", ct(study_uid=study, series_uid=uids[i % series],
+                                                          **attributes)) for i in range(n)]
+    return study, files
+
+
+def instances_of(study: str) -> list[Instance]:
+    return list(Instance.select().join(Series).join(Study).where(Study.study_instance_uid == study))
+
+
+def test_replicated_originals_are_byte_identical_with_origin_and_history(site, orthanc, tmp_path):
+    study, files = a_study(tmp_path / "src", 4, series=2)
+    sent = orthanc.upload(files)
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["listed"], report["stored"], report["present"], report["failed"]) == (4, 4, 0, 0)
+    rows = instances_of(study)
+    assert {r.sop_instance_uid for r in rows} == set(sent)
+    for r in rows:
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+        assert (r.origin, r.creator, r.remote_host) == ("replication", getpass.getuser(), orthanc.root)
+        assert r.database_id == models.IMPORT_ID
+    [event] = Event.select().where(Event.outcome == "replicated")
+    assert (event.source, event.actor) == (study, getpass.getuser())
+    assert event.detail.startswith(f"4 instances ({sum(map(len, sent.values()))} bytes) from "
+                                   f"{orthanc.root} by {getpass.getuser()}: listed 4, stored 4, "
+                                   "already present 0, failed 0")
+    assert not list((site.config.archive.dir / ".incoming").iterdir())  # no leftovers
+
+
+def test_replicating_again_fetches_nothing(site, orthanc, tmp_path):
+    study, files = a_study(tmp_path / "src", 3)
+    orthanc.upload(files)
+    site.replicate("--from", orthanc.root, "--study", study)
+    stored = {r.sop_instance_uid: (r.id, r.stored_path) for r in instances_of(study)}
+    [again] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (again["listed"], again["stored"], again["present"], again["failed"]) == (3, 0, 3, 0)
+    assert {r.sop_instance_uid: (r.id, r.stored_path) for r in instances_of(study)} == stored
+    assert Event.select().where(Event.outcome == "replicated").count() == 1  # nothing happened
+    assert not Event.select().where(Event.outcome == "duplicate").exists()  # nothing was fetched
+
+
+def test_killed_replication_resumes_with_every_instance_exactly_once(site, orthanc, tmp_path):
+    study, files = a_study(tmp_path / "src", 150, series=3)
+    sent = orthanc.upload(files)
+    command = [sys.executable, "-m", "watcher", "replicate", "--config", str(site.config_path), "--from", orthanc.root, "--study", study]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        assert wait_for(lambda: len(instances_of(study)) >= 10 or proc.poll() is not None, timeout=30)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = len(instances_of(study))
+    assert proc.returncode == -signal.SIGKILL and before < 150, "finished before it was killed"
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
+    rows = instances_of(study)
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
+    for r in rows:
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    assert not list((site.config.archive.dir / ".incoming").iterdir())  # the dead run's folder too
+
+
+def test_unreachable_source_is_a_clear_error(site):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web/"
+    output = site.output("--from", url, code=1)
+    assert f"cannot reach {url}studies" in output
+    assert not Instance.select().exists()
+
+
+def test_a_study_the_source_lacks_is_incomplete(site, orthanc):
+    [report] = site.replicate("--from", orthanc.root, "--study", "1.2.3.999", code=1)
+    assert not report["complete"] and report["errors"] == ["the source holds no such study"]
+
+
+def test_since_takes_only_newer_studies(site, orthanc, tmp_path):
+    old, old_files = a_study(tmp_path / "old", 1, StudyDate="19990101")
+    new, new_files = a_study(tmp_path / "new", 1, StudyDate="20990101")
+    orthanc.upload(old_files + new_files)
+    reports = site.replicate("--from", orthanc.root, "--since", "2099-01-01")
+    replicated = {r["study_instance_uid"] for r in reports}  # (the source is the module's)
+    assert new in replicated and old not in replicated
+    assert instances_of(new) and not instances_of(old)
+
+
+def test_to_moves_the_replicated_study_into_a_study_database(site, orthanc, tmp_path):
+    site.cli("databases", "create", "trial-a")
+    study, files = a_study(tmp_path / "src", 2)
+    orthanc.upload(files)
+    [report] = site.replicate("--from", orthanc.root, "--study", study, "--to", "trial-a")
+    assert report["complete"] and report["stored"] == 2
+    trial = StudyDatabase.get(StudyDatabase.name == "trial-a")
+    rows = instances_of(study)
+    assert len(rows) == 2 and {r.database_id for r in rows} == {trial.id}
+    assert {r.distributed_by for r in rows} == {getpass.getuser()}
+    [again] = site.replicate("--from", orthanc.root, "--study", study, "--to", "trial-a")
+    assert (again["stored"], again["present"]) == (0, 2)
+    assert [e.outcome for e in Event.select().where(Event.source == study).order_by(Event.id)] == [
+        "replicated", "distributed"]
+
+
+def test_to_an_unknown_database_fetches_nothing(site, orthanc):
+    output = site.output("--from", orthanc.root, "--to", "no-such", code=1)
+    assert "no-such" in output
+    assert not Instance.select().exists()
+
+
+class WatcherLike:
+    """A dicom-watcher as replication sees one, in front of the Orthanc: its DICOMweb root
+    ``/dicom-web/import/`` (passed on to Orthanc) and the API's list of a study's instances
+    with their sha256 (``checksums``: what it says). Records the Authorization headers."""
+
+    def __init__(self, orthanc: Orthanc, checksums: dict):
+        outer = self
+        self.authorizations = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.authorizations.append(self.headers.get("Authorization"))
+                if self.path.startswith("/api/databases/import/studies/"):
+                    body = json.dumps([{"sop_instance_uid": k, "sha256": v}
+                                       for k, v in checksums.items()]).encode()
+                    return self._answer(200, "application/json", body)
+                rest = self.path.removeprefix("/dicom-web/import/")
+                answer = httpx.get(orthanc.root + rest, headers={"Accept": self.headers["Accept"]},
+                                   timeout=30)
+                self._answer(answer.status_code, answer.headers.get("content-type", ""), answer.content)
+
+            def _answer(self, status, content_type, body):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.root = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web/import/"
+        self.thread = threading.Thread(target=self.server.serve_forever)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def test_bytes_that_differ_from_a_dicom_watcher_source_are_not_stored(site, orthanc, tmp_path):
+    study, files = a_study(tmp_path / "src", 3)
+    sent = orthanc.upload(files)
+    sums = {sop: hashlib.sha256(data).hexdigest() for sop, data in sent.items()}
+    spoilt = sorted(sums)[0]
+    sums[spoilt] = "0" * 64
+    with WatcherLike(orthanc, sums) as source:
+        [report] = site.replicate("--from", source.root, "--study", study, "--token", "s3cret",
+                                  code=1)
+    assert (report["stored"], report["present"], report["failed"]) == (2, 0, 1)
+    assert report["errors"] == [f"{spoilt}: the bytes received differ from the source's original "
+                                "(sha256): not stored"]
+    assert {r.sop_instance_uid for r in instances_of(study)} == set(sent) - {spoilt}
+    assert set(source.authorizations) == {"Bearer s3cret"}
+    [event] = Event.select().where(Event.outcome == "replicated")
+    assert event.detail.endswith("listed 3, stored 2, already present 0, failed 1")
+    assert not list((site.config.archive.dir / ".incoming").iterdir())
+
+
+def test_scheduled_replication_runs_when_due(site, orthanc, tmp_path):
+    study, files = a_study(tmp_path / "src", 2)
+    orthanc.upload(files)
+    [entry] = replication_config.parse([{"from": orthanc.root, "studies": [study],
+                                         "interval_seconds": 600, "creator": "nightly"}])
+    config = dataclasses.replace(site.config, replication=(entry,))
+    [reports] = replication_config.run_due(config, now=1_000_000.0).values()
+    assert [(r.stored, r.complete) for r in reports] == [(2, True)]
+    assert {r.creator for r in instances_of(study)} == {"nightly"}
+    assert replication_config.run_due(config, now=1_000_100.0) == {}  # not due yet
+    [again] = replication_config.run_due(config, now=1_000_700.0).values()
+    assert [(r.stored, r.present) for r in again] == [(0, 2)]
+
+
+def test_a_scheduled_replication_that_fails_does_not_raise(site):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web/"
+    [entry] = replication_config.parse([{"from": url}])
+    config = dataclasses.replace(site.config, replication=(entry,))
+    [error] = replication_config.run_due(config).values()
+    assert error.startswith(f"SourceError: cannot reach {url}studies: ConnectError")
+
+
+@pytest.mark.parametrize("table, message", [
+    ({}, "missing key replication[1].from"),
+    ({"from": "pacs:8042"}, "replication[1].from must be the http:// or https:// URL"),
+    ({"from": "http://h/dicom-web/", "interval_seconds": 1}, "interval_seconds must be a number, at least 60"),
+    ({"from": "http://h/dicom-web/", "to": "Trial A"}, "replication[1].to: 'Trial A' cannot name"),
+    ({"from": "http://h/dicom-web/", "since": "yesterday"}, "replication[1].since must be a date"),
+    ({"from": "http://h/dicom-web/", "since": "2026-01-01", "since_days": 3}, "at most one of"),
+    ({"from": "http://h/dicom-web/", "form": "x"}, "unknown key replication[1].form"),
+])
+def test_replication_config_errors_name_the_key(table, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        replication_config.parse([table])
+
+
+def test_replication_config_defaults():
+    [r] = replication_config.parse([{"from": "https://h/dicom-web/trial-a", "since_days": 7}])
+    assert (r.source, r.to, r.interval_seconds, r.token) == ("https://h/dicom-web/trial-a/", "import", 3600.0, None)
+    assert r.since_now(datetime.date(2026, 3, 8)) == "20260301"

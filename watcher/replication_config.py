@@ -1,0 +1,149 @@
+"""Replication on a schedule: the ``[[replication]]`` tables of the config, and ``run_due``,
+which the service calls every minute or so and which runs each replication whose interval
+has passed (watcher/replicate.py does the work).
+
+```toml
+[[replication]]
+from = "http://pacs:8042/dicom-web/"
+token = "…"                      # optional: sent as Authorization: Bearer
+to = "trial-a"                   # optional: default import
+interval_seconds = 3600          # optional: default 3600
+studies = ["1.2.3.4"]            # optional: only these; or
+since = "2026-01-01"             # optional: studies dated from then on; or
+since_days = 7                   # optional: studies of the last 7 days (a rolling window)
+creator = "nightly-pull"         # optional: recorded as the instances' creator (default: the OS user)
+```
+"""
+
+import dataclasses
+import datetime
+import logging
+import math
+import threading
+import time
+
+from .errors import ConfigError, Refused
+from .studies.databases import check_name
+
+LOGGER = logging.getLogger(__name__)
+MIN_INTERVAL_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Replication:
+    source: str  # the DICOMweb root ("from" in the file)
+    token: str | None = None
+    to: str = "import"
+    interval_seconds: float = 3600.0
+    studies: tuple = ()
+    since: str = ""  # YYYYMMDD
+    since_days: int | None = None
+    creator: str = ""
+
+    def since_now(self, today: datetime.date | None = None) -> str:
+        """The study date the run starts from (YYYYMMDD), or "" for every study."""
+        if self.since_days is None:
+            return self.since
+        today = today or datetime.date.today()
+        return (today - datetime.timedelta(days=self.since_days)).strftime("%Y%m%d")
+
+
+KEYS = {"from", "token", "to", "interval_seconds", "studies", "since", "since_days", "creator"}
+
+
+def parse(value) -> tuple:
+    """The ``[[replication]]`` tables (``data.get("replication", [])``) as Replications;
+    ``ConfigError`` naming the key otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError("replication must be tables ([[replication]]), one per source")
+    return tuple(_one(table, f"replication[{n}]") for n, table in enumerate(value, 1))
+
+
+def _one(table: dict, where: str) -> Replication:
+    unknown = set(table) - KEYS
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(sorted(KEYS))}")
+    if "from" not in table:
+        raise ConfigError(f"missing key {where}.from (the source's DICOMweb root URL)")
+    source = _text(table["from"], f"{where}.from")
+    if not source.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.from must be the http:// or https:// URL of a DICOMweb root")
+    source = source.rstrip("/") + "/"
+    token = _text(table["token"], f"{where}.token") if "token" in table else None
+    to = _text(table.get("to", "import"), f"{where}.to")
+    try:
+        check_name(to)
+    except Refused as exc:
+        raise ConfigError(f"{where}.to: {exc}") from None
+    interval = table.get("interval_seconds", 3600.0)
+    if (not isinstance(interval, (int, float)) or isinstance(interval, bool)
+            or not math.isfinite(interval) or interval < MIN_INTERVAL_SECONDS):
+        raise ConfigError(f"{where}.interval_seconds must be a number, at least "
+                          f"{MIN_INTERVAL_SECONDS:g}")
+    studies = table.get("studies", [])
+    if not isinstance(studies, list) or not all(isinstance(s, str) and s.strip() for s in studies):
+        raise ConfigError(f"{where}.studies must be a list of Study Instance UIDs")
+    if sum(k in table for k in ("studies", "since", "since_days")) > 1:
+        raise ConfigError(f"{where}: give at most one of studies, since and since_days")
+    since = ""
+    if "since" in table:
+        text = _text(table["since"], f"{where}.since")
+        try:
+            since = datetime.date.fromisoformat(text).strftime("%Y%m%d")
+        except ValueError:
+            raise ConfigError(f"{where}.since must be a date, YYYY-MM-DD, not {text!r}") from None
+    days = table.get("since_days")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool) or days < 0):
+        raise ConfigError(f"{where}.since_days must be a whole number of days (0: today)")
+    creator = _text(table["creator"], f"{where}.creator") if "creator" in table else ""
+    return Replication(source, token, to, float(interval), tuple(s.strip() for s in studies),
+                       since, days, creator)
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a non-empty string")
+    return value.strip()
+
+
+_last_run: dict = {}  # Replication -> time.monotonic() of its last start, in this process
+_running = threading.Lock()
+
+
+def run_due(config, stopping: threading.Event | None = None, now: float | None = None) -> dict:
+    """Run every configured replication (``config.replication``) whose interval has passed
+    since it last started in this process (each runs at once after a start). Never raises:
+    a source that cannot be reached, a refused target, an outage are logged and tried again
+    at the next interval. ``stopping``: set it to stop between two instances. Returns
+    {source URL: the studies' reports, or the error's message} of the runs it made."""
+    if not _running.acquire(blocking=False):
+        return {}  # the previous call is still at work
+    try:
+        done = {}
+        for r in getattr(config, "replication", ()):
+            if stopping is not None and stopping.is_set():
+                break
+            now_ = time.monotonic() if now is None else now
+            last = _last_run.get(r)
+            if last is not None and now_ - last < r.interval_seconds:
+                continue
+            _last_run[r] = now_
+            done[r.source] = _run(config, r, stopping)
+        return done
+    finally:
+        _running.release()
+
+
+def _run(config, r: Replication, stopping):
+    from .replicate import SourceError, os_user, replicate  # (replicate imports config: not at the top)
+    try:
+        reports = replicate(config, r.source, r.token, r.studies, r.since_now(), r.to,
+                            actor=r.creator or os_user(), stopping=stopping)
+    except Exception as exc:
+        LOGGER.warning("replication from %s failed: %s: %s", r.source, type(exc).__name__, exc,
+                       exc_info=not isinstance(exc, SourceError))
+        return f"{type(exc).__name__}: {exc}"
+    incomplete = [x for x in reports if not x.complete]
+    LOGGER.info("replication from %s: %d studies, %d stored, %d incomplete", r.source,
+                len(reports), sum(x.stored for x in reports), len(incomplete))
+    return reports
