@@ -359,3 +359,87 @@ def test_associations_are_spread_over_the_importer_processes_and_the_port_is_our
     served = {importer: log.count(f" {importer} INFO watcher.pipeline: imported 'dicom/")
               for importer in ("test-node", "test-node#1")}  # (the log names the importer)
     assert all(served.values()), f"one importer received everything: {served}"
+
+
+def test_a_site_without_a_drop_folder_runs_the_receiver_alone(tmp_path, db_url):
+    """No [watch] section: the service receives (no drop folder is made or watched), `scan`
+    and `retry` say there is no drop folder, `pending` is empty; a config with nothing to do
+    at all is refused."""
+    from click.testing import CliRunner
+
+    from watcher.cli import cli
+    port = free_port()
+    path = write_config_file(tmp_path, db_url)
+    text = path.read_text()
+    text = text[:text.index("[watch]")] + text[text.index("[archive]"):]  # (the [watch] lines gone)
+    path.write_text(text + f'[dicom]\nport = {port}\nbind = "127.0.0.1"\nae_title = "ARCHIVE"\n')
+    (tmp_path / "drop").rmdir() if (tmp_path / "drop").is_dir() else None
+    service = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(path)],
+                               stderr=(tmp_path / "service.log").open("ab"))
+    echo = AE(ae_title="MODALITY")
+    echo.add_requested_context("1.2.840.10008.1.1")  # Verification
+    try:
+        assert wait_for(lambda: _associate(echo, port) or service.poll() is not None,
+                        timeout=60), (tmp_path / "service.log").read_text()
+        assert service.poll() is None, (tmp_path / "service.log").read_text()
+        ds = ct()
+        assert send(port, [ds]) == [0x0000]
+        models.connect(load_url(path))
+        assert [i.origin for i in Instance.select().where(Instance.sop_instance_uid == ds.SOPInstanceUID)] == ["dicom"]
+        runner = CliRunner()
+        scan = runner.invoke(cli, ["scan", "--config", str(path)])
+        assert scan.exit_code == 1 and "no drop folder" in scan.output, scan.output
+        retry = runner.invoke(cli, ["retry", "--config", str(path)])
+        assert retry.exit_code == 1 and "no drop folder" in retry.output, retry.output
+        pending = runner.invoke(cli, ["pending", "--json", "--config", str(path)])
+        assert pending.exit_code == 0 and pending.stdout.strip() == "[]", pending.output
+        status = runner.invoke(cli, ["status", "--check", "--config", str(path)])
+        assert status.exit_code == 0, status.output
+    finally:
+        service.send_signal(signal.SIGTERM)
+        code = service.wait(30)
+    models.database.close()
+    assert code == 0, (tmp_path / "service.log").read_text()
+    assert not (tmp_path / "drop").exists()
+    assert "no drop folder ([watch]): the DICOM receiver only" in (tmp_path / "service.log").read_text()
+    nothing = tmp_path / "nothing.toml"
+    nothing.write_text(text)
+    result = CliRunner().invoke(cli, ["status", "--config", str(nothing)])
+    assert result.exit_code == 1 and "nothing to do" in result.output, result.output
+
+
+def test_verify_repair_in_a_loop_while_senders_send_loses_nothing_acknowledged(tmp_path, db_url):
+    """An administrator runs ``verify --repair`` over and over while a modality sends: no
+    original that was acknowledged (its row committed) is taken for an orphan and removed."""
+    from test_identity import REPAIRER
+    port = free_port()
+    path, service = start_service(tmp_path, db_url, port, 'ae_title = "ARCHIVE"\n')
+    done = tmp_path / "done-repairing"
+    try:
+        echo = AE(ae_title="MODALITY")
+        echo.add_requested_context("1.2.840.10008.1.1")
+        assert wait_for(lambda: _associate(echo, port) or service.poll() is not None, timeout=60)
+        repairer = subprocess.Popen([sys.executable, "-c", REPAIRER, str(path), str(done)],
+                                    stdout=subprocess.PIPE, text=True)
+        datasets = [ct(rows=4, columns=4) for _ in range(200)]
+        statuses = send(port, datasets[:1])
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+        statuses += [getattr(assoc.send_c_store(ds), "Status", None) for ds in datasets[1:]]
+        assoc.release()
+        done.touch()
+        repairs, _ = map(int, repairer.communicate(timeout=60)[0].split())
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(30)
+    assert repairs >= 3
+    assert statuses == [0x0000] * len(datasets)
+    models.connect(load_url(path))
+    assert Instance.select().count() == len(datasets)
+    from click.testing import CliRunner
+
+    from watcher.cli import cli
+    result = CliRunner().invoke(cli, ["verify", "--json", "--config", str(path)])
+    models.database.close()
+    assert result.exit_code == 0, result.output

@@ -27,18 +27,18 @@ def _held_studies(database_id: int):
     return Series.select(Series.study).where(Series.id.in_(held_series))
 
 
-def _date_condition(text: str):
+def _date_condition(text: str, column=Study.study_date):
     """A DICOM date or range: ``20240501``, ``20240501-20240531``, ``-20240531``, ``20240501-``."""
     m = _DATE.match(text.replace(" ", ""))
     if not m or not (m[1] or m[3]) or (m[3] and not m[2]):
         raise Refused(f"date {text!r}: use YYYYMMDD or a range YYYYMMDD-YYYYMMDD (either end open)")
     if not m[2]:
-        return Study.study_date == m[1]
+        return column == m[1]
     condition = True
     if m[1]:
-        condition = Study.study_date >= m[1]
+        condition = column >= m[1]
     if m[3]:
-        condition = (Study.study_date <= m[3]) if condition is True else condition & (Study.study_date <= m[3])
+        condition = (column <= m[3]) if condition is True else condition & (column <= m[3])
     return condition
 
 

@@ -122,6 +122,8 @@ def scan(config_path, final, create, as_json):
     """
     from .sweep import sweep
     config = _config(config_path)
+    if not config.watches:
+        raise click.ClickException(f"{config.path} has no drop folder ([watch] drop_dir): nothing to scan")
     progress = _Progress() if sys.stderr.isatty() else None
     with _importing(config, "scan", create):
         _connect(config)
@@ -367,7 +369,10 @@ def retry(config_path, sources, as_json):
     """
     config = _open(config_path)
     from . import retrieve
-    moved = retrieve.retry(config, sources)
+    try:
+        moved = retrieve.retry(config, sources)
+    except Refused as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         return _print_json({"put_back": len(moved), "sources": moved})
     for source in moved:

@@ -22,7 +22,7 @@ DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "~*",
 
 @dataclass(frozen=True)
 class Watch:
-    drop_dir: Path
+    drop_dir: Path | None = None  # None: no [watch] section, no drop folder (a receiver only)
     settle_seconds: float = 2.0
     incomplete_seconds: float = 300.0
     rescan_seconds: float = 30.0
@@ -95,6 +95,12 @@ class Config:
     http: Http | None = None  # the web app is off without an [http] section
     replication: tuple = ()  # replication_config.Replication, one per [[replication]] table
 
+    @property
+    def watches(self) -> bool:
+        """Whether this config has a drop folder ([watch]): a site may run only the receiver,
+        the web app (uploads) or replications."""
+        return self.watch.drop_dir is not None
+
 
 SECTIONS = {"watch": Watch, "archive": Archive, "database": Database, "import": Import,
             "distribute": Distribute, "dicom": Dicom, "http": Http}
@@ -145,6 +151,9 @@ def from_dict(data: dict, base: Path, path: Path | None = None) -> Config:
     for name, cls in SECTIONS.items():
         if not isinstance(data.get(name, {}), dict):
             raise ConfigError(f"{name} must be a section ([{name}]), not a value")
+        if name == "watch" and name not in data:
+            sections[name] = Watch()  # no drop folder
+            continue
         sections[name] = _section(name, cls, dict(data.get(name, {})), base)
     config = Config(sections["watch"], sections["archive"], sections["database"],
                     sections["import"], path, sections["distribute"],
@@ -227,6 +236,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"watch.incomplete_seconds must be at least {MIN_INCOMPLETE_SECONDS:g} "
                           "(and at least watch.settle_seconds): a writer that stalls would have "
                           "its file rejected as truncated")
+    if not (config.watches or config.dicom or config.http or config.replication):
+        raise ConfigError("nothing to do: give a drop folder ([watch] drop_dir), a DICOM receiver "
+                          "([dicom]), the web app ([http]) or a [[replication]]")
     if config.dicom is not None:
         _check_dicom(config.dicom)
     if config.http is not None:
@@ -303,8 +315,8 @@ def _check_folders(config: Config) -> None:
     this config file, may lie inside another one's reach.
     """
     w, a = config.watch, config.archive
-    folders = [("watch.drop_dir", w.drop_dir), ("archive.dir", a.dir),
-               ("archive.rejected_dir", a.rejected_dir)]
+    folders = [("watch.drop_dir", w.drop_dir)] if w.drop_dir is not None else []
+    folders += [("archive.dir", a.dir), ("archive.rejected_dir", a.rejected_dir)]
     if a.done_dir is not None:
         folders.append(("archive.done_dir", a.done_dir))
     for n, (key, path) in enumerate(folders):
@@ -326,8 +338,11 @@ def _check_folders(config: Config) -> None:
 
 def check_drop_dir(config: Config, create: bool = False) -> None:
     """The drop folder must exist: a misspelt path would be watched while the real folder fills
-    up. Creating it is something a person asks for (``--create-drop-dir``)."""
+    up. Creating it is something a person asks for (``--create-drop-dir``). Without [watch]
+    there is no drop folder to check."""
     drop = config.watch.drop_dir
+    if drop is None:
+        return
     where = f" (set in {config.path})" if config.path else ""
     if create:
         try:

@@ -86,6 +86,8 @@ def arrival(disc: Disc, drop_dir: Path) -> Arrival:
 def report(config) -> list[dict]:
     """Every disc, oldest first, with what of it arrived (``dicom-watcher discs``)."""
     rows = []
+    if not config.watches:
+        return rows  # (discs come through a drop folder)
     for disc in Disc.select().order_by(Disc.arrived_at, Disc.id):
         a = arrival(disc, config.watch.drop_dir)
         rows.append({"source": disc.source, "sha256": disc.sha256, "arrived_at": _iso(disc.arrived_at),

@@ -70,4 +70,5 @@ REASONS = {
     "symlink": "a symbolic link; links are never followed",
     "special-file": "not a regular file (FIFO, socket or device)",
     "error": "an unexpected error repeated on every attempt",
+    "media-type": "a part of an upload that says it is not application/dicom",
 }

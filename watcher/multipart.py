@@ -8,6 +8,7 @@ python-multipart's; this module only says where each part's bytes go.
 import os
 import secrets
 from email.message import Message
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser
@@ -26,7 +27,7 @@ def media_type(content_type: str) -> tuple[str, dict]:
     """(``multipart/related``, its parameters in lower case keys) of a Content-Type value."""
     message = Message()
     message["content-type"] = content_type or ""
-    params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
+    params = {k.lower(): collapse_rfc2231_value(v) for k, v in message.get_params(failobj=[])[1:]}
     return message.get_content_type(), params
 
 

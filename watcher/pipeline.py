@@ -278,7 +278,8 @@ def _discard(stored, config: Config) -> None:
 
 
 def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
-                  sop_instance_uid: str = "", study_uid: str | None = None) -> Outcome:
+                  sop_instance_uid: str = "", study_uid: str | None = None,
+                  refused: Rejected | None = None) -> Outcome:
     """An object that arrived whole and is ours alone (a C-STORE's dataset, written by the
     receiver into the archive's folder for incoming objects), through the same stages as a
     dropped file: validate, store, record. The caller acknowledges it only if the outcome is
@@ -286,12 +287,17 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
     rejected object is kept in ``rejected_dir/<label>``, with its row; a database or disk
     outage raises (the object is not kept: its sender still has it and was not told success).
     ``sop_class_uid`` / ``sop_instance_uid``: what the sender said it was sending;
-    ``study_uid``: the study it said the object belongs to (an upload to one study).
+    ``study_uid``: the study it said the object belongs to (an upload to one study);
+    ``refused``: the intake refuses it already (kept as rejected, with that reason).
     """
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
-    with Source(path.parent, path.name, lease=False, private=True) as source:
+    # (no repair runs between the store and the commit: it would take the original for an orphan)
+    with archive.storing(config.archive.dir), Source(path.parent, path.name, lease=False,
+                                                     private=True) as source:
         try:
+            if refused is not None:
+                raise refused
             info = validate(source)
             said = (sop_class_uid or info.sop_class_uid, sop_instance_uid or info.sop_instance_uid)
             if info.is_dicomdir or (info.sop_class_uid, info.sop_instance_uid) != said:
@@ -308,7 +314,8 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
             try:
                 result = commit_now(record)
             except BaseException:
-                _discard(stored, config)
+                # Left for ``verify --repair``: another intake may be storing the same bytes
+                # under the same name right now, its row not committed yet.
                 raise
             if result == "duplicate":
                 _discard(stored, config)

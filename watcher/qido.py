@@ -9,12 +9,12 @@ refused rather than ignored (a misspelt filter would otherwise answer everything
 
 from dataclasses import dataclass
 
-from peewee import fn
+from peewee import SQL, NodeList, fn
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from .browse import _date_condition
 from .errors import Refused
-from .models import Instance, Patient, Series, Study
+from .models import Instance, Patient, Series, Study, is_shared
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
@@ -75,25 +75,33 @@ def _condition(f: Field, value: str):
     if f.kind == "uid":
         return f.column.in_([v.strip() for v in value.split(",") if v.strip()])
     if f.kind == "date":
-        return _date_condition(value) if f.column is Study.study_date else f.column == value
+        return _date_condition(value, f.column)
     if f.kind == "number":
-        try:
-            return f.column == int(value)
-        except ValueError:
-            raise Refused(f"{f.keyword} must be a number, not {value!r}") from None
+        return f.column == _number(f.keyword, value)
     if "*" in value or "?" in value:  # DICOM wildcards, matched without regard to case
-        return f.column ** value.replace("*", "%").replace("?", "_")  # (ILIKE; LIKE in SQLite)
+        pattern = (value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                   .replace("*", "%").replace("?", "_"))  # (LIKE's own wildcards taken literally)
+        like = "ILIKE" if is_shared() else "LIKE"  # (SQLite's LIKE ignores case already)
+        return NodeList((f.column, SQL(like), pattern, SQL("ESCAPE '\\'")))
     if f.keyword == "PatientName":
         return fn.LOWER(f.column) == value.lower()
     return f.column == value
 
 
-def _page(params: dict) -> tuple[int, int]:
+def _number(keyword: str, value: str) -> int:
+    """A number a database column can hold (IS: a 32-bit integer)."""
     try:
-        limit = int(params.get("limit", DEFAULT_LIMIT))
-        offset = int(params.get("offset", 0))
+        number = int(value)
     except ValueError:
-        raise Refused("limit and offset must be numbers") from None
+        raise Refused(f"{keyword} must be a number, not {value!r}") from None
+    if not -2**31 <= number < 2**31:
+        raise Refused(f"{keyword} {value} is out of range")
+    return number
+
+
+def _page(params: dict) -> tuple[int, int]:
+    limit = _number("limit", params.get("limit", str(DEFAULT_LIMIT)))
+    offset = _number("offset", params.get("offset", "0"))
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise Refused(f"limit must be 1 to {MAX_LIMIT} and offset not negative")
     return limit, offset

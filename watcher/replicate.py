@@ -324,7 +324,8 @@ class Replication:
                 return self._fail(report, item, "the bytes received differ from the source's "
                                                 "original (sha256): not stored")
             origin = from_replication(self.actor, self.source.name)
-            outcome = ingest_object(fetched, origin, self.config, sop_instance_uid=item.sop)
+            outcome = ingest_object(fetched, origin, self.config, sop_instance_uid=item.sop,
+                                    study_uid=item.study)
         except Exception as exc:
             if is_unavailable(exc):
                 raise  # the archive or the database: nothing more can be stored now

@@ -151,6 +151,8 @@ def pending(config) -> list[dict]:
     ignored, claimed by another node, still settling or simply queued is seen here.
     """
     w = config.watch
+    if w.drop_dir is None:
+        return []  # no drop folder ([watch])
     held = {r.path: r for r in Waiting.select()}
     claimed = {c.path: c for c in Claim.select()}
     now, rows = time.time(), []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import beneath, catalog, dispose
 from .config import Config
-from .errors import Rejected
+from .errors import Refused, Rejected
 from .names import from_text, to_text
 from .models import Instance, Patient, Rejection, Series, Study, write_transaction
 from .source import Source
@@ -24,6 +24,9 @@ def retry(config: Config, sources=()) -> list[str]:
     and nothing outside the rejected and drop folders is read or written, whatever
     links have been put in either.
     """
+    if not config.watches:
+        raise Refused("this config has no drop folder ([watch] drop_dir) to put rejected files back "
+                      "into; send them again (C-STORE, an upload) once the reason is fixed")
     query = Rejection.select().order_by(Rejection.id)
     if sources:
         query = query.where(Rejection.source.in_(list(sources)))

@@ -108,25 +108,29 @@ class Service:
         self.config.archive.dir.mkdir(parents=True, exist_ok=True)  # (status --check looks at it)
         claims.release_stale(self.config.import_.node)
         archive.remove_stale_temporaries(self.config.archive.dir)
-        if self.shard[0] == 0:
+        folder = self.config.watches
+        if self.shard[0] == 0 and folder:
             for rel in dispose.recover(self.config.watch.drop_dir):
                 LOGGER.warning("put back %s (its removal was cut short by a crash)", rel)
-        self.rescan()
-        self._start_observer()
+        if folder:
+            self.rescan()
+            self._start_observer()
         self._scheduler = BackgroundScheduler(daemon=True)
-        self._scheduler.add_job(self.rescan, "interval", seconds=max(self.config.watch.rescan_seconds, 0.1),
-                                id="rescan", max_instances=1, coalesce=True)
         self._scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
                                 id="heartbeat", max_instances=1, coalesce=True)
-        self._scheduler.add_job(warn_incomplete, "interval", args=(self.config, self.config.import_.node),
-                                seconds=max(min(self.config.watch.rescan_seconds, 30.0), 0.1),
-                                id="discs", max_instances=1, coalesce=True)  # copies stopped half-way
-        self._scheduler.add_job(self.rewatch, "interval", seconds=WATCH_RETRY_SECONDS,
-                                id="rewatch", max_instances=1, coalesce=True)
-        if self.shard[0] == 0:
+        if folder:
+            self._scheduler.add_job(self.rescan, "interval", seconds=max(self.config.watch.rescan_seconds, 0.1),
+                                    id="rescan", max_instances=1, coalesce=True)
+            self._scheduler.add_job(warn_incomplete, "interval", args=(self.config, self.config.import_.node),
+                                    seconds=max(min(self.config.watch.rescan_seconds, 30.0), 0.1),
+                                    id="discs", max_instances=1, coalesce=True)  # copies stopped half-way
+            self._scheduler.add_job(self.rewatch, "interval", seconds=WATCH_RETRY_SECONDS,
+                                    id="rewatch", max_instances=1, coalesce=True)
+        if self.shard[0] == 0 and folder:
             self._scheduler.add_job(self.check_ignored, "interval", seconds=IGNORED_CHECK_SECONDS,
                                     id="ignored", max_instances=1, coalesce=True,
                                     next_run_time=datetime.datetime.now())
+        if self.shard[0] == 0:
             self._scheduler.add_job(self.distribute, "interval", seconds=ROUTINE_SECONDS,
                                     id="distribute", max_instances=1, coalesce=True)
             if self.config.replication:  # [[replication]]: pulls from other archives
@@ -142,13 +146,18 @@ class Service:
         if self.shard[0] == 0 and self.config.http is not None:
             from .web.server import WebServer
             self._web = WebServer(self.config, self._listeners.http).start()
-        for n in range(self.config.import_.workers):
+        for n in range(self.config.import_.workers if folder else 0):
             worker = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             worker.start()
             self._workers.append(worker)
         self.heartbeat()
-        LOGGER.info("watching %s (%s, %d workers)", self.config.watch.drop_dir,
-                    "polling" if self.config.watch.poll else "events", len(self._workers))
+        if folder:
+            LOGGER.info("watching %s (%s, %d workers)", self.config.watch.drop_dir,
+                        "polling" if self.config.watch.poll else "events", len(self._workers))
+        else:
+            LOGGER.info("no drop folder ([watch]): %s only", ", ".join(
+                what for what, on in (("the DICOM receiver", self.config.dicom), ("the web app", self.config.http),
+                                      ("replication", self.config.replication)) if on))
         return self
 
     def stop(self) -> None:

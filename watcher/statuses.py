@@ -6,6 +6,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # the archive or the database is unavailable: send again later
 DOES_NOT_MATCH = 0xA900  # the dataset is not the SOP Class or Instance the sender said
 CANNOT_UNDERSTAND = 0xC000  # a malformed dataset
+PROCESSING_FAILURE = 0x0110  # stored, but not where it was sent (held in another database)
 CONFLICT = 0xC001  # a "cannot understand" code of our own: the UID is stored with other bytes
 
 _FOR_REASON = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from . import archive, statuses
 from .config import Config
-from .errors import Unavailable
-from .models import IMPORT
+from .errors import Rejected, Unavailable
+from .models import IMPORT, Instance
 from .multipart import Part
 from .origin import from_upload
 from .pipeline import ingest_object, is_unavailable
@@ -60,21 +60,22 @@ def store_parts(parts: list[Part], config: Config, user: str, remote_host: str,
     result = Result(moved_to=database)
     for part in parts:
         try:
-            if part.content_type != "application/dicom":
-                result.failed.append(("", "", statuses.CANNOT_UNDERSTAND,
-                                      f"a part of type {part.content_type!r}: only application/dicom"))
-                continue
             _store_one(part, origin, config, study_uid, result)
         finally:
             part.path.unlink(missing_ok=True)  # (the archive holds its own link to a stored one)
     if database != IMPORT and result.stored:
         _move(result, database, user)
+    _confirm(result, database)
     return result
 
 
 def _store_one(part: Part, origin, config: Config, study_uid: str | None, result: Result) -> None:
+    refused = None
+    if part.content_type != "application/dicom":
+        refused = Rejected("media-type", f"a part of type {part.content_type!r}: STOW-RS takes "
+                                         "application/dicom parts; send it again as one")
     try:
-        outcome = ingest_object(part.path, origin, config, study_uid=study_uid)
+        outcome = ingest_object(part.path, origin, config, study_uid=study_uid, refused=refused)
     except Exception as exc:
         if isinstance(exc, Unavailable) or is_unavailable(exc):
             LOGGER.warning("upload by %s refused: %s", origin.creator, exc)
@@ -88,9 +89,33 @@ def _store_one(part: Part, origin, config: Config, study_uid: str | None, result
     if status == statuses.SUCCESS:
         result.stored.append((outcome.sop_class_uid, outcome.sop_instance_uid, outcome.study_uid,
                               outcome.outcome))
+    elif outcome.reason == "conflict":  # (its detail names the other database and file: not for the uploader)
+        result.failed.append((outcome.sop_class_uid or "", outcome.sop_instance_uid or "", status,
+                              "conflict: this SOP Instance UID is stored already, with other bytes; "
+                              "kept as rejected for a data manager to decide"))
     else:
         result.failed.append((outcome.sop_class_uid or "", outcome.sop_instance_uid or "", status,
                               f"{outcome.reason}: kept as rejected; {outcome.detail}"))
+
+
+def _confirm(result: Result, database: str) -> None:
+    """Success only for what is now in ``database``: an instance the archive holds already in
+    another database (a duplicate found there) is not, and is reported as failed, without
+    naming where it is."""
+    from .studies import databases
+    if not result.stored:
+        return
+    target = databases.get(database).id
+    here = set()
+    sops = [sop for _, sop, _, _ in result.stored]
+    for i in range(0, len(sops), 500):
+        here.update(sop for sop, in Instance.select(Instance.sop_instance_uid).where(
+            Instance.database_id == target, Instance.sop_instance_uid.in_(sops[i:i + 500])).tuples())
+    for item in [s for s in result.stored if s[1] not in here]:
+        result.stored.remove(item)
+        result.failed.append((item[0], item[1], statuses.PROCESSING_FAILURE,
+                              f"already in the archive, but in another database than {database!r}: "
+                              "ask a data manager to distribute it"))
 
 
 def _move(result: Result, database: str, user: str) -> None:

@@ -15,8 +15,9 @@ store; a database the account may not read answers 404, like one that does not e
 import logging
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import multipart, qido, statuses, upload
 from ..errors import Refused
@@ -110,12 +111,18 @@ def router(web) -> APIRouter:
             async for chunk in request.stream():
                 await run_in_threadpool(parser.feed, chunk)
             parts = parser.close()
+        except ClientDisconnect:
+            parser.abandon()
+            LOGGER.info("upload by %s into %s cut short by the client: nothing stored", user, db)
+            return Response(status_code=400)
         except BaseException:
             parser.abandon()
             raise
 
         def ingest():
-            with connected():
+            with connected():  # asked again: the account may have been disabled, or its right
+                again = web.auth.api_user(request, posting=True)  # revoked, while the body came
+                rights.require(again, "upload", db)
                 return upload.store_parts(parts, web.config, user, request.client.host if request.client
                                           else "", db, study)
         try:
