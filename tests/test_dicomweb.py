@@ -129,6 +129,8 @@ def test_stow_stores_uploads_with_their_uploader_as_creator_and_keeps_what_it_re
         [value(s, "00081155") for s in stored])))
     assert len(rows) == 3 and {r.database_id for r in rows} == {models.StudyDatabase.get(name="trial-a").id}
     assert {(r.creator, r.origin, r.distributed_by) for r in rows} == {("rita", "upload", "rita (upload)")}
+    assert 'dicom_watcher_outcomes_total{intake="upload",outcome="imported"} 3.0' in httpx.get(
+        site.url + "/metrics").text
     # the same again: already there, a success, still one row each
     again = stow(site, "/dicom-web/trial-a/studies", files, rita)
     assert again.status_code == 200, again.text

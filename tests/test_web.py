@@ -263,7 +263,7 @@ def test_healthz_metrics_and_openapi_answer_and_sigterm_stops_within_seconds(sit
     health = site.get("/healthz")
     assert health.status_code == 200 and health.text.startswith("ok")
     text = site.get("/metrics").text
-    assert 'dicom_watcher_outcomes_total{outcome="imported"} 6.0' in text
+    assert 'dicom_watcher_outcomes_total{intake="folder",outcome="imported"} 6.0' in text
     assert 'dicom_watcher_instances{database="trial-a"} 2.0' in text
     assert 'dicom_watcher_instances{database="trial-b"} 3.0' in text
     assert "dicom_watcher_database_up 1.0" in text

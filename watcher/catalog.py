@@ -115,7 +115,7 @@ def _record_disc(r: DiscRecord):
     for attempt in range(2):  # another node may insert the same bytes at the same moment
         first = Disc.get_or_none(Disc.sha256 == sha)
         if first is not None:
-            Event.insert(**_event("duplicate", r.source, r.node, r.sop_instance_uid, sha, detail=(
+            Event.insert(**_event("duplicate", r.source, r.node, r.sop_instance_uid, sha, intake="folder", detail=(
                 f"same bytes as the DICOMDIR from {first.source} at {str(first.arrived_at)[:19]}"))).execute()
             return "duplicate"
         try:
@@ -124,7 +124,8 @@ def _record_disc(r: DiscRecord):
                 Disc.insert(source=to_text(r.source), sha256=sha, stored_path=r.stored.relpath,
                             size=r.stored.size, arrived_at=now, node=r.node,
                             referenced=json.dumps(list(r.referenced), ensure_ascii=False)).execute()
-                Event.insert(**_event("dicomdir", r.source, r.node, r.sop_instance_uid, sha, at=now, detail=(
+                Event.insert(**_event("dicomdir", r.source, r.node, r.sop_instance_uid, sha, at=now,
+                                      intake="folder", detail=(
                     f"a DICOMDIR: the index of a disc of {len(r.referenced)} files, kept"))).execute()
             return "dicomdir"
         except IntegrityError:
@@ -171,7 +172,7 @@ def _record_batch(records: list) -> list:
         if first is None:
             known[uid] = _Known(sha, to_text(r.source), str(now)[:19])
             rows.append(r)
-            events.append(_event("imported", r.source, r.node, uid, sha, at=now))
+            events.append(_event("imported", r.source, r.node, uid, sha, at=now, intake=_intake(r)))
             results.append("imported")
         elif first.sha256 != sha:
             results.append(Rejected(
@@ -179,7 +180,7 @@ def _record_batch(records: list) -> list:
                 f"(sha256 {first.sha256}, from {first.source}); this file has sha256 {sha}. "
                 "Decide which is right; nothing was overwritten"))
         else:
-            events.append(_event("duplicate", r.source, r.node, uid, sha, at=now,
+            events.append(_event("duplicate", r.source, r.node, uid, sha, at=now, intake=_intake(r),
                                  detail=f"same bytes as the instance imported from {first.source} "
                                         f"at {first.imported_at}"))
             results.append("duplicate")
@@ -304,16 +305,22 @@ def _int(text):
 
 
 def _event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail="",
-           at=None) -> dict:
+           at=None, intake=None) -> dict:
     return dict(outcome=outcome, source=to_text(source), node=node, at=at or utcnow(),
-                sop_instance_uid=sop_instance_uid, sha256=sha256, reason=reason, detail=detail)
+                sop_instance_uid=sop_instance_uid, sha256=sha256, reason=reason, detail=detail,
+                intake=intake)
+
+
+def _intake(r) -> str:
+    return r.origin.kind if getattr(r, "origin", None) is not None else "folder"
 
 
 def record_event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail=""):
     Event.insert(**_event(outcome, source, node, sop_instance_uid, sha256, reason, detail)).execute()
 
 
-def record_rejection(source, reason, detail, path, sha256, size, node) -> tuple[int, int]:
+def record_rejection(source, reason, detail, path, sha256, size, node,
+                     intake: str = "folder") -> tuple[int, int]:
     """Say where a rejected file will lie, before it is moved there; (row id, history id).
 
     Keyed by that path: if we crash before the move, the next attempt picks
@@ -324,7 +331,7 @@ def record_rejection(source, reason, detail, path, sha256, size, node) -> tuple[
         row = Rejection.insert(source=to_text(source), reason=reason, detail=detail, path=to_text(path),
                                sha256=sha256, size=size, node=node).execute()
         event = Event.insert(**_event("rejected", source, node, sha256=sha256, reason=reason,
-                                      detail=detail)).execute()
+                                      detail=detail, intake=intake)).execute()
     return row, event
 
 

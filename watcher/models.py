@@ -138,6 +138,7 @@ class Event(BaseModel):
     node = CharField(max_length=255)
     database_name = TextField(null=True, column_name="database")  # the study database it concerns
     actor = TextField(null=True)  # the person (or rule) who did it
+    intake = TextField(null=True)  # the way in: folder, dicom, upload, replication (watcher/origin.py)
 
     class Meta:
         table_name = "history"

@@ -323,10 +323,11 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                               sop_class_uid=info.sop_class_uid, study_uid=info.study_instance_uid)
         except Rejected as exc:
             outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
-                              dest_rel=_safe_rel(label), recorded_as=label)
+                              dest_rel=_safe_rel(label), recorded_as=label, intake=origin.kind)
         except NotReady as exc:  # a dropped file may still grow; a whole message never will
             outcome = _reject(source, path.name, exc.reason, f"{exc.detail} (the whole message was received)",
-                              config, root=path.parent, dest_rel=_safe_rel(label), recorded_as=label)
+                              config, root=path.parent, dest_rel=_safe_rel(label), recorded_as=label,
+                              intake=origin.kind)
     outcome = _timed(outcome, started)
     _log(outcome)
     return outcome
@@ -354,7 +355,7 @@ def _safe_rel(label: str) -> str:
 
 def _reject(source: Source | None, rel: str, reason: str, detail: str, config: Config,
             root: Path | None = None, dest_rel: str | None = None,
-            recorded_as: str | None = None) -> Outcome:
+            recorded_as: str | None = None, intake: str = "folder") -> Outcome:
     """Record the rejection, then move the file to the rejected folder; never delete it.
 
     The row names the free path the file is about to take; if that name is taken
@@ -371,7 +372,7 @@ def _reject(source: Source | None, rel: str, reason: str, detail: str, config: C
             catalog.move_rejection(ids[0], dest)
         else:
             ids.extend(catalog.record_rejection(recorded_as or rel, reason, detail, dest, sha256,
-                                                size, node))
+                                                size, node, intake))
 
     try:
         with dispose.one_at_a_time(config.archive.dir):

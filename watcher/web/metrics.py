@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import report
-from ..models import Event, Heartbeat, Rejection, utcnow
+from ..models import Event, Heartbeat, Rejection, Waiting, utcnow
 from ..studies import databases
 
 LOGGER = logging.getLogger(__name__)
@@ -40,11 +40,19 @@ class _Collector:
             pass
 
     def _from_database(self):
-        outcomes = CounterMetricFamily(f"{PREFIX}_outcomes", "file outcomes and distributions "
-                                       "recorded in the history, by outcome", labels=["outcome"])
-        for outcome, n in Event.select(Event.outcome, fn.COUNT(Event.id)).group_by(Event.outcome).tuples():
-            outcomes.add_metric([outcome], n)
+        outcomes = CounterMetricFamily(f"{PREFIX}_outcomes", "outcomes recorded in the history, by "
+                                       "outcome and intake (folder, dicom, upload, replication; empty "
+                                       "for distributions and retries)", labels=["outcome", "intake"])
+        for outcome, intake, n in (Event.select(Event.outcome, Event.intake, fn.COUNT(Event.id))
+                                   .group_by(Event.outcome, Event.intake).tuples()):
+            outcomes.add_metric([outcome, intake or ""], n)
         yield outcomes
+        held = GaugeMetricFamily(f"{PREFIX}_pending_files", "files the service holds back in the "
+                                 "drop folder, by state (incomplete, open-for-writing, retrying…)",
+                                 labels=["state"])
+        for state, n in Waiting.select(Waiting.state, fn.COUNT(Waiting.path)).group_by(Waiting.state).tuples():
+            held.add_metric([state], n)
+        yield held
         per = databases.listing()
         instances = GaugeMetricFamily(f"{PREFIX}_instances", "instances held, by study database",
                                       labels=["database"])
