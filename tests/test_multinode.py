@@ -259,3 +259,64 @@ def test_own_claim_orphaned_by_a_lost_connection_is_taken_back_at_once(pg_url, t
     with claims.claim(path, "a", 60) as other:
         assert not other
     models.database.close()
+
+
+def test_two_receivers_sent_the_same_objects_at_once_store_each_exactly_once(pg_url, tmp_path):
+    """Two nodes, each with its DICOM receiver, one PostgreSQL database and one archive: two
+    modalities send the same 150 objects to both at the same moment. Every C-STORE is a
+    success, each object is in the database once, its original there, verify clean."""
+    import socket
+    import threading
+
+    from click.testing import CliRunner
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from dicomfiles import ct
+    from watcher.cli import cli
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ports, procs = {}, []
+    for node in ("a", "b"):
+        ports[node] = free_port()
+        cfg = node_config(tmp_path, pg_url, node, drop=f"drop-{node}")
+        (tmp_path / f"drop-{node}").mkdir(exist_ok=True)
+        cfg.write_text(cfg.read_text() + f'[dicom]\nport = {ports[node]}\nbind = "127.0.0.1"\n'
+                                         'ae_title = "ARCHIVE"\n')
+        procs.append(start_node(cfg, node, tmp_path / f"{node}.log"))
+    datasets = [ct(rows=8, columns=8) for _ in range(150)]
+    statuses: dict = {}
+
+    def send(node: str) -> None:
+        ae = AE(ae_title=f"MOD-{node}")
+        ae.add_requested_context(CTImageStorage, datasets[0].file_meta.TransferSyntaxUID)
+        assoc = None
+        for _ in range(300):  # (until the node listens)
+            assoc = ae.associate("127.0.0.1", ports[node], ae_title="ARCHIVE")
+            if assoc.is_established:
+                break
+            time.sleep(0.1)
+        statuses[node] = [getattr(assoc.send_c_store(ds), "Status", None) for ds in datasets]
+        assoc.release()
+
+    try:
+        senders = [threading.Thread(target=send, args=(n,)) for n in ports]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(180)
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert statuses == {"a": [0] * 150, "b": [0] * 150}, statuses
+    uids = [ds.SOPInstanceUID for ds in datasets]
+    assert Instance.select().where(Instance.sop_instance_uid.in_(uids)).count() == 150
+    for i in Instance.select():
+        assert (tmp_path / "archive" / i.stored_path).is_file()
+    result = CliRunner().invoke(cli, ["verify", "--config", str(tmp_path / "a" / "watcher.toml")])
+    models.connect(pg_url)
+    assert result.exit_code == 0, result.output
