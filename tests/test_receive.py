@@ -443,3 +443,15 @@ def test_verify_repair_in_a_loop_while_senders_send_loses_nothing_acknowledged(t
     result = CliRunner().invoke(cli, ["verify", "--json", "--config", str(path)])
     models.database.close()
     assert result.exit_code == 0, result.output
+
+
+def test_open_associations_are_counted_for_the_heartbeat(receiver):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="ARCHIVE")
+    try:
+        assert assoc.is_established
+        assert wait_for(lambda: receiver.active() == 1, timeout=10)
+    finally:
+        assoc.release()
+    assert wait_for(lambda: receiver.active() == 0, timeout=10)

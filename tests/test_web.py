@@ -269,6 +269,11 @@ def test_healthz_metrics_and_openapi_answer_and_sigterm_stops_within_seconds(sit
     assert "dicom_watcher_database_up 1.0" in text
     assert re.search(r"dicom_watcher_archive_free_bytes \d", text)
     assert "PAT" not in text and site.a_study not in text  # no patient data in labels
+    # each process's import durations and open associations come with its heartbeat (5 s)
+    imports = r'dicom_watcher_import_seconds_count\{node="test-node"\} (\d+)'
+    assert wait_for(lambda: int((re.search(imports, site.get("/metrics").text) or [0, 0])[1]) >= 6,
+                    timeout=20), site.get("/metrics").text
+    assert 'dicom_watcher_import_seconds_bucket{le="+Inf",node="test-node"}' in site.get("/metrics").text
     spec = site.get("/api/openapi.json").json()
     assert "/api/distribute" in spec["paths"] and site.get("/api/docs").status_code == 200
     assert site.stop() < 10

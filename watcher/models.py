@@ -170,6 +170,8 @@ class Heartbeat(BaseModel):
     state = CharField(max_length=32, default="running")
     outage = TextField(default="")  # why the node is paused (database or archive unavailable)
     outage_since = DateTimeField(null=True)
+    durations = TextField(default="")  # JSON: the process' import durations (watcher/timings.py)
+    associations = IntegerField(default=0)  # DICOM associations open at the last heartbeat
 
 
 class Claim(BaseModel):

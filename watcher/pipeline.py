@@ -19,7 +19,7 @@ from pathlib import Path
 
 import peewee
 
-from . import archive, beneath, catalog, claims, discs, dispose, models, stage
+from . import archive, beneath, catalog, claims, discs, dispose, models, stage, timings
 from .commit import commit_all, commit_now
 from .config import Config
 from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
@@ -412,6 +412,7 @@ def _log(o: Outcome) -> None:
         return
     if o.outcome == "retry":
         return
+    timings.IMPORTS.observe(o.ms / 1000)
     level = logging.WARNING if o.outcome == "rejected" else logging.INFO
     LOGGER.log(level, "%s %r uid=%s%s %.1f ms", o.outcome, o.source, o.sop_instance_uid or "-",
                f" reason={o.reason} ({o.detail})" if o.reason else "", o.ms)

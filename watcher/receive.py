@@ -116,6 +116,11 @@ class Receiver:
                     self.dicom.bind or "*", self.dicom.port, " (TLS)" if self.dicom.tls_cert else "")
         return self
 
+    def active(self) -> int:
+        """The associations open now (for the heartbeat, and so /metrics)."""
+        server = self.server
+        return len(server.active_associations) if server is not None else 0
+
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop accepting; let the associations in flight finish (``timeout``), abort the rest."""
         if self.server is None:

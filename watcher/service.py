@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import datetime
 import errno
+import json
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from . import archive, beneath, claims, detect, dispose, logs, models, ports, settle, systemd
+from . import archive, beneath, claims, detect, dispose, logs, models, ports, settle, systemd, timings
 from .config import Config
 from .discs import warn_incomplete
 from .errors import Unavailable
@@ -563,7 +564,9 @@ class Service:
         values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at,
                       last_seen=models.utcnow(), last_rescan=self.last_rescan,
                       queue_depth=len(self.schedule), in_flight=self.schedule.busy_count(),
-                      state=state, outage=outage, outage_since=outage_since)
+                      state=state, outage=outage, outage_since=outage_since,
+                      durations=json.dumps(timings.IMPORTS.snapshot()),
+                      associations=self._receiver.active() if self._receiver is not None else 0)
         try:
             (models.Heartbeat.insert(node=node, **values)
              .on_conflict(conflict_target=[models.Heartbeat.node], update=values).execute())

@@ -2,14 +2,15 @@
 whichever process (or node) did the work. Labels name outcomes, databases and nodes, never a
 patient, a file or a UID."""
 
+import json
 import logging
 import os
 
 from peewee import fn
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .. import report
+from .. import report, timings
 from ..models import Event, Heartbeat, Rejection, Waiting, utcnow
 from ..studies import databases
 
@@ -71,11 +72,22 @@ class _Collector:
                                   "(not paused, stopped or silent)", labels=["node"])
         queue = GaugeMetricFamily(f"{PREFIX}_node_queue_depth", "files due at the node's last "
                                   "heartbeat", labels=["node"])
+        associations = GaugeMetricFamily(f"{PREFIX}_dicom_associations", "DICOM associations open "
+                                         "at the node's last heartbeat", labels=["node"])
+        durations = HistogramMetricFamily(f"{PREFIX}_import_seconds", "how long each object took "
+                                          "from being looked at to its outcome, by node (since the "
+                                          "node's process started)", labels=["node"])
         for h in Heartbeat.select():
             nodes.add_metric([h.node], 1 if report.node_state(h, now) == "running" else 0)
             queue.add_metric([h.node], h.queue_depth)
+            associations.add_metric([h.node], h.associations)
+            if h.durations:
+                buckets, total = timings.cumulative(json.loads(h.durations))
+                durations.add_metric([h.node], buckets, total)
         yield nodes
         yield queue
+        yield associations
+        yield durations
 
 
 def registry(config) -> CollectorRegistry:
