@@ -280,3 +280,42 @@ def test_another_dicom_watcher_is_replicated_byte_for_byte_with_checksums(site, 
                                           "--token", rita, "--config", str(path)])
         assert result.exit_code != 0 and "404" in result.output, result.output
     models.connect(site.config.database.url)
+
+
+def test_every_data_endpoint_gives_nothing_to_an_account_without_rights(site, tmp_path):
+    """Every path of the API and DICOMweb (from the served OpenAPI document) and every page,
+    asked about trial-b and import by rita (who may read trial-a only) and by nobody (no
+    right at all): no answer holds a UID or Patient ID of those databases. And no log line
+    above DEBUG holds patient data."""
+    site.cli("users", "add", "nobody", "--password-stdin", input="correct horse battery\n")
+    tokens = {"rita": site.token("rita"), "nobody": site.token("nobody")}
+    boss = site.token("boss")
+    [series] = site.get(f"/dicom-web/trial-b/studies/{site.b_study}/series", boss).json()
+    series_uid = value(series, "0020000E")
+    sop = value(site.get(f"/dicom-web/trial-b/studies/{site.b_study}/instances", boss).json()[0], "00080018")
+    import_study = site.import_study
+    secrets = {site.b_study, site.import_study, series_uid, sop, "PAT0", "PAT2"}
+    spec = site.get("/api/openapi.json").json()
+    paths = [p for p, ops in spec["paths"].items() if "get" in ops and "{" in p]
+    paths += ["/databases/{db}", "/databases/{db}/studies/{uid}"]  # the pages
+    assert len(paths) >= 15, paths
+    asked = 0
+    for db, study in (("trial-b", site.b_study), ("import", import_study)):
+        for path in paths:
+            url = (path.replace("{db}", db).replace("{uid}", study).replace("{study}", study)
+                   .replace("{series_uid}", series_uid).replace("{series}", series_uid)
+                   .replace("{instance}", sop))
+            for who, token in tokens.items():
+                answer = site.get(url, token)
+                asked += 1
+                assert answer.status_code in (303, 401, 403, 404), (who, url, answer.status_code)
+                assert not any(x in answer.text for x in secrets), (who, url, answer.text[:300])
+    assert asked >= 60
+    # the searches at the root of what rita may read never reach further
+    for url in ("/dicom-web/trial-a/studies?PatientID=PAT2", "/dicom-web/trial-a/instances",
+                f"/dicom-web/trial-a/studies/{site.b_study}/instances"):
+        answer = site.get(url, tokens["rita"])
+        assert not any(x in answer.text for x in secrets), (url, answer.text[:300])
+    log = site.log.read_text()
+    for patient_data in ("PAT0", "PAT1", "PAT2", "Müller", "Anna"):
+        assert patient_data not in log, patient_data
