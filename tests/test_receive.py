@@ -77,6 +77,11 @@ def test_echo_and_storescu_store_the_originals_with_their_origin(receiver, tmp_p
         stored = dcmread(receiver.config.archive.dir / row.stored_path)
         assert stored.PixelData == dcmread(f).PixelData
     assert not any((receiver.incoming).iterdir())  # nothing left behind
+    from watcher.models import Event  # the history says the same: who sent, to whom, from where
+    events = list(Event.select().where(Event.outcome == "imported"))
+    assert len(events) == 3 and all(e.intake == "dicom" and e.source.startswith("dicom/CT01/")
+                                    and "CT01@127.0.0.1 to ARCHIVE" in e.detail for e in events), \
+        [(e.source, e.detail) for e in events]
 
 
 def test_compressed_data_stays_compressed_byte_for_byte(receiver):

@@ -172,7 +172,8 @@ def _record_batch(records: list) -> list:
         if first is None:
             known[uid] = _Known(sha, to_text(r.source), str(now)[:19])
             rows.append(r)
-            events.append(_event("imported", r.source, r.node, uid, sha, at=now, intake=_intake(r)))
+            events.append(_event("imported", r.source, r.node, uid, sha, at=now, intake=_intake(r),
+                                 detail=_came(r)))
             results.append("imported")
         elif first.sha256 != sha:
             results.append(Rejected(
@@ -182,7 +183,7 @@ def _record_batch(records: list) -> list:
         else:
             events.append(_event("duplicate", r.source, r.node, uid, sha, at=now, intake=_intake(r),
                                  detail=f"same bytes as the instance imported from {first.source} "
-                                        f"at {first.imported_at}"))
+                                        f"at {first.imported_at}" + (f"; {_came(r)}" if _came(r) else "")))
             results.append("duplicate")
     if rows:
         # Rows are locked in one order by every importer, so two transactions that insert the
@@ -313,6 +314,13 @@ def _event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=Non
 
 def _intake(r) -> str:
     return r.origin.kind if getattr(r, "origin", None) is not None else "folder"
+
+
+def _came(r) -> str:
+    """Where an object of another intake than the drop folder came from, for its history line
+    (a sender's AE titles and address, an uploader, a replication's source)."""
+    origin = getattr(r, "origin", None)
+    return f"from {origin.describe()}" if origin is not None and origin.kind != "folder" else ""
 
 
 def record_event(outcome, source, node, sop_instance_uid=None, sha256=None, reason=None, detail=""):
