@@ -486,7 +486,8 @@ def test_wado_of_a_damaged_original_never_hands_it_out_as_good(site, db, damage)
 class LyingSource:
     """A DICOMweb root (``/dicom-web/``) that lists a study's instances and serves each as
     ``behaviour[sop]`` says: ok, missing (404), other (another object's bytes), truncated
-    (cut mid-part, then closed), no-end (the body ends without its closing boundary),
+    (cut mid-part, then closed), no-end (the body ends without its closing boundary), endless
+    (the object, then zeros for ever),
     two (two parts), html (not multipart), nonjson (QIDO answers HTML)."""
 
     def __init__(self, study: str, objects: dict, behaviour: dict, other: bytes = b"",
@@ -538,6 +539,18 @@ class LyingSource:
                     body = head + data + b"\r\n" + head + data + b"\r\n--B--\r\n"
                 elif how == "html":
                     body, kind = b"<html>hello</html>", "text/html"
+                if how == "endless":  # the object, then zeros for ever (until the client hangs up)
+                    self.send_response(200)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    try:
+                        self.wfile.write(head + data)
+                        while True:
+                            self.wfile.write(bytes(1 << 20))
+                    except OSError:
+                        return
                 if how == "truncated":
                     self.send_response(200)
                     self.send_header("Content-Type", kind)
@@ -622,6 +635,21 @@ def test_replication_from_a_source_that_lies_fails_clearly_and_stores_nothing_wr
     for r in rows:  # every stored object is what it is recorded as
         assert (here.archive.dir / r.stored_path).read_bytes() == objects[r.sop_instance_uid][1]
         assert hashlib.sha256(objects[r.sop_instance_uid][1]).hexdigest() == r.sha256
+    assert _leftovers(here) == []
+
+
+def test_replication_from_a_source_that_never_ends_an_object_stops_it_before_the_disk_fills(
+        here, tmp_path, monkeypatch):
+    from watcher import replicate
+    monkeypatch.setattr(replicate, "MAX_OBJECT_BYTES", 8 << 20)  # (16 GiB in use: too long to wait for)
+    study, objects = _study(tmp_path, 2)
+    endless = sorted(objects)[0]
+    with LyingSource(study, objects, {endless: "endless"}) as source:
+        result = here.replicate(source.root, "--study", study)
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    [report] = json.loads(result.stdout)
+    assert (report["stored"], report["failed"]) == (1, 1), report
+    assert "before the disk fills" in report["errors"][0], report["errors"]
     assert _leftovers(here) == []
 
 

@@ -62,8 +62,12 @@ class PartsToFiles:
     (created exclusively, never a name that exists). ``close()`` says whether the body ended
     properly; ``BadBody`` if it did not. The files are the caller's to remove."""
 
-    def __init__(self, folder: Path, boundary: str, prefix: str = "part", max_parts: int = 100_000):
-        self.folder, self.prefix, self.max_parts = folder, prefix, max_parts
+    def __init__(self, folder: Path, boundary: str, prefix: str = "part", max_parts: int = 100_000,
+                 max_bytes: int | None = None):
+        """``max_bytes``: the most the parts may hold together (``BadBody`` beyond: a sender
+        that never ends would fill the disk)."""
+        self.folder, self.prefix, self.max_parts, self.max_bytes = folder, prefix, max_parts, max_bytes
+        self.total = 0
         self.parts: list[Part] = []
         self._fd: int | None = None
         self._field = self._value = b""
@@ -105,6 +109,9 @@ class PartsToFiles:
         self.parts.append(Part(path))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
+        self.total += end - start
+        if self.max_bytes is not None and self.total > self.max_bytes:
+            raise BadBody(f"more than {self.max_bytes:,} bytes: refused before the disk fills")
         view = memoryview(data)[start:end]
         while view:
             written = os.write(self._fd, view)

@@ -157,7 +157,7 @@ class Source:
                 if answer.status_code != 200:
                     raise SourceError(f"GET {url}: HTTP {answer.status_code}")
                 parts = PartsToFiles(folder, boundary_of(answer.headers.get("content-type", "")),
-                                     prefix="wado", max_parts=1)
+                                     prefix="wado", max_parts=1, max_bytes=room_for_one(folder))
                 try:
                     for chunk in answer.iter_bytes(CHUNK):
                         parts.feed(chunk)
@@ -206,6 +206,17 @@ class Source:
             raise SourceError(f"GET {url}: not a list of DICOM JSON datasets")
         more = "additional results" in answer.headers.get("warning", "").lower()
         return [r for r in rows if isinstance(r, dict)], more
+
+
+MAX_OBJECT_BYTES = 16 << 30  # more than any original we expect (a DICOM length field is 32-bit)
+RESERVE_BYTES = 1 << 30  # left free on the archive's disk, whatever a source sends
+
+
+def room_for_one(folder: Path) -> int:
+    """The most one fetched object may take: a source that streams without end is cut off
+    before the archive's disk is full."""
+    fs = os.statvfs(folder)
+    return max(0, min(MAX_OBJECT_BYTES, fs.f_bavail * fs.f_frsize - RESERVE_BYTES))
 
 
 def _value(row: dict, tag: str) -> str:
