@@ -225,6 +225,16 @@ def _place(tmp: Path, final: Path) -> None:
 
 
 
+RESERVE_BYTES = 1 << 30  # what an object that arrives may never take of the archive's disk
+
+
+def room(folder: Path) -> int:
+    """The bytes an object arriving into ``folder`` (on the archive's disk) may take: all that
+    is free but ``RESERVE_BYTES``, so that a sender without end never fills the disk."""
+    fs = os.statvfs(folder)
+    return max(0, fs.f_bavail * fs.f_frsize - RESERVE_BYTES)
+
+
 def remove(archive_dir: Path, stored: Stored) -> None:
     """Undo a store that no row points at (a conflict or duplicate found after storing)."""
     try:

@@ -209,14 +209,12 @@ class Source:
 
 
 MAX_OBJECT_BYTES = 16 << 30  # more than any original we expect (a DICOM length field is 32-bit)
-RESERVE_BYTES = 1 << 30  # left free on the archive's disk, whatever a source sends
 
 
 def room_for_one(folder: Path) -> int:
     """The most one fetched object may take: a source that streams without end is cut off
     before the archive's disk is full."""
-    fs = os.statvfs(folder)
-    return max(0, min(MAX_OBJECT_BYTES, fs.f_bavail * fs.f_frsize - RESERVE_BYTES))
+    return min(MAX_OBJECT_BYTES, archive.room(folder))
 
 
 def _value(row: dict, tag: str) -> str:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .. import multipart, qido, statuses, upload
+from .. import archive, multipart, qido, statuses, upload
 from ..errors import Refused
 from ..studies import rights
 from .auth import connected
@@ -106,7 +106,8 @@ def router(web) -> APIRouter:
                 return user.name
         user = await run_in_threadpool(allowed)
         boundary = multipart.boundary_of(request.headers.get("content-type", ""))
-        parser = multipart.PartsToFiles(upload.incoming_folder(web.config), boundary, prefix="stow")
+        folder = upload.incoming_folder(web.config)
+        parser = multipart.PartsToFiles(folder, boundary, prefix="stow", max_bytes=archive.room(folder))
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(parser.feed, chunk)
