@@ -1,4 +1,5 @@
-"""python -m bench [--quick] [--catalog] [--receive] [--out results.json] [--workdir DIR] [--keep] [--profile]
+"""python -m bench [--quick] [--catalog] [--web] [--receive] [--replicate] [--out results.json]
+[--workdir DIR] [--keep] [--profile]
 
 Generates the corpora in a fresh folder under --workdir, runs every measurement in
 MEASUREMENTS on every corpus (the physical limits, then the real service), prints the
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import catalog, corpus, receive, service
+from . import catalog, corpus, receive, replicate, service, web
 from .limits import measure_limits
 from .results import (Measurement, add_ratios, make_row, markdown_table, service_table, spread_table,
                       write_json)
@@ -134,6 +135,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the DICOM receiver against storescp and Orthanc (bench/receive.py): "
                              "2,000 small objects, 3 x 200 MB, paced latency (--quick: 300, 1 x 20 MB); "
                              "with --repeat N, N rounds; with --profile, dicom-watcher's under py-spy")
+    parser.add_argument("--web", action="store_true",
+                        help="only the web app and DICOMweb on a 1,000,000-instance catalog (bench/web.py): "
+                             "API/page/QIDO latency, WADO-RS and zip of a 2 GB original (--quick: "
+                             "20,000, 200 MB)")
+    parser.add_argument("--replicate", action="store_true",
+                        help="only replication (bench/replicate.py): 2,000 x 0.5 MB from a second "
+                             "dicom-watcher and from Orthanc, and 1 x 2 GB, beside the durable-copy "
+                             "limit (--quick: 200, 1 x 200 MB)")
     parser.add_argument("--profile-tool", choices=("auto", "py-spy", "cprofile"), default="auto")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also measure the service batches of git revision REV (its watcher/ "
@@ -209,6 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             print(receive.table(receive_rows))
             if args.out:
                 write_json(args.out, receive_rows, meta)
+            return 0
+        if args.replicate:
+            replicate_rows = replicate.measure(root / "scratch", args.quick, log_dir)
+            print(replicate.table(replicate_rows))
+            if args.out:
+                write_json(args.out, replicate_rows, meta)
+            return 0
+        if args.web:
+            web_rows = web.measure(args.quick, tuple(args.backends.split(",")), root, log_dir)
+            print(web.table(web_rows))
+            if args.out:
+                write_json(args.out, web_rows, meta)
             return 0
         if args.catalog:
             catalog_rows = catalog.measure(args.quick, tuple(args.backends.split(",")), root)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,3 +301,43 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+class Sampler:
+    """Every ``interval`` s over ``pid``'s process tree: the largest VmRSS and VmHWM of one
+    process, and the tree's PSS, each at its highest."""
+
+    def __init__(self, pid: int, interval: float = 0.02, pss: bool = True):
+        self.pid, self.interval, self.pss = pid, interval, pss
+        self.rss_kb = self.hwm_kb = self.tree_pss_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def sample(self) -> None:
+        pss = 0
+        for member in [self.pid, *descendants(self.pid)]:
+            try:
+                status = Path(f"/proc/{member}/status").read_text()
+                kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+                self.rss_kb = max(self.rss_kb, int(kb.get("VmRSS", 0)))
+                self.hwm_kb = max(self.hwm_kb, int(kb.get("VmHWM", 0)))
+                if self.pss:
+                    found = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{member}/smaps_rollup").read_text(),
+                                      re.M)
+                    pss += int(found.group(1)) if found else 0
+            except OSError:
+                continue
+        self.tree_pss_kb = max(self.tree_pss_kb, pss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "Sampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

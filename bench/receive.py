@@ -51,7 +51,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ import pydicom
 
 from .backends import Sqlite
 from .corpus import make_large, small_instances
-from .process import ServiceRun, _top_of_service, descendants, service_command
+from .process import Sampler, ServiceRun, _top_of_service, descendants, service_command
 from .results import _cell, _table, make_row
 
 LOGGER = logging.getLogger(__name__)
@@ -333,45 +332,6 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / CLOCK_TICKS
 
 
-class MemorySampler:
-    """Every ``interval`` s: the largest VmHWM of any process of the tree, and the tree's PSS."""
-
-    def __init__(self, pid: int, interval: float = 0.02):
-        self.pid, self.interval = pid, interval
-        self.peak_hwm_kb = self.peak_pss_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
-
-    def sample(self) -> None:
-        pss = 0
-        for member in [self.pid, *descendants(self.pid)]:
-            try:
-                status = Path(f"/proc/{member}/status").read_text()
-                hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-                if hwm:
-                    self.peak_hwm_kb = max(self.peak_hwm_kb, int(hwm.group(1)))
-                rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
-                found = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
-                pss += int(found.group(1)) if found else 0
-            except OSError:
-                continue
-        self.peak_pss_kb = max(self.peak_pss_kb, pss)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> "MemorySampler":
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
 # -- the senders -------------------------------------------------------------------------------
 
 def quiet_pynetdicom() -> None:
@@ -539,15 +499,15 @@ def case_small(peer: Peer, inputs: Inputs, logs: Path) -> dict:
 def case_large(peer: Peer, inputs: Inputs, logs: Path) -> dict:
     load = _load()
     before = tree_cpu_seconds(peer.pid)
-    with MemorySampler(peer.pid) as memory:
+    with Sampler(peer.pid) as memory:
         seconds = storescu([inputs.large_folder], peer, logs)
         time.sleep(0.3)
     cpu = tree_cpu_seconds(peer.pid) - before
     stored = _checked(peer, inputs.large_count)
     row = make_row("receive large", f"{peer.name} receive", files=stored, bytes_=inputs.large_bytes,
                    seconds=seconds)
-    row.update(cpu_seconds=round(cpu, 3), peak_rss_mb=round(memory.peak_hwm_kb / 1024, 1),
-               tree_peak_pss_mb=round(memory.peak_pss_kb / 1024, 1), load_1m=[load, _load()])
+    row.update(cpu_seconds=round(cpu, 3), peak_rss_mb=round(memory.hwm_kb / 1024, 1),
+               tree_peak_pss_mb=round(memory.tree_pss_kb / 1024, 1), load_1m=[load, _load()])
     return row
 
 

@@ -85,6 +85,10 @@ def setup(verbose: int = 0, quiet: int = 0, stream=None) -> logging.Handler:
     # our one line per object; -v shows them
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose >= 2 else
                                              logging.INFO if verbose else max(level, logging.WARNING))
+    # httpx logs every request of a replication at INFO: our one line per object says it; -v shows them
+    for library in ("httpx", "httpcore"):
+        logging.getLogger(library).setLevel(logging.DEBUG if verbose >= 2 else
+                                            logging.INFO if verbose else max(level, logging.WARNING))
     # (each migration is logged by watcher.models already)
     logging.getLogger("peewee.migrations").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     return handler
