@@ -323,3 +323,16 @@ def test_a_taken_port_stops_run_with_a_message_naming_the_key(tmp_path, section,
                              capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert f"{section}.port" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_connections_accepted_on_our_ports_send_at_once():
+    """Nagle's algorithm off for what the web app and the receiver accept: with it on (a
+    listener made with proto 0, which asyncio takes for not-TCP), each answer on a kept-alive
+    connection waited ~40 ms for the client's delayed ACK."""
+    from watcher import ports
+    listener = ports.listen("http", "127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.proto == socket.IPPROTO_TCP
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
