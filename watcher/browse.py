@@ -8,7 +8,7 @@ Only what holds instances counts: a move leaves empty patient, study and series 
 
 import re
 
-from peewee import SQL, fn
+from peewee import fn
 
 from .errors import Refused
 from .models import Instance, Patient, Series, Study
@@ -22,13 +22,9 @@ class NotFound(Refused):
     """No such study, series or instance in this database (the web app: 404)."""
 
 
-def holds_instances(database_id: int):
-    """The condition on ``Study`` that it holds an instance of the database: asked of each
-    study (its series, then their instances, by their indexes), not of every instance of the
-    database (an ``IN`` over 1,000,000 instance rows took 200 ms a search on SQLite)."""
-    held = (Instance.select(SQL("1")).join(Series, on=(Instance.series == Series.id))
-            .where(Series.study == Study.id, Instance.database_id == database_id))
-    return fn.EXISTS(held)
+def _held_studies(database_id: int):
+    held_series = Instance.select(Instance.series).where(Instance.database_id == database_id)
+    return Series.select(Series.study).where(Series.id.in_(held_series))
 
 
 def _date_condition(text: str, column=Study.study_date):
@@ -54,7 +50,7 @@ def studies(database_id: int, patient: str = "", date: str = "", modality: str =
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise Refused(f"limit must be 1 to {MAX_LIMIT} and offset not negative")
     query = (Study.select(Study, Patient).join(Patient)
-             .where(Study.database_id == database_id, holds_instances(database_id)))
+             .where(Study.database_id == database_id, Study.id.in_(_held_studies(database_id))))
     if patient.strip():
         query = query.where(Patient.patient_id.contains(patient.strip())
                             | Patient.name.contains(patient.strip()))
@@ -103,7 +99,7 @@ def _study(s: Study, counts: dict) -> dict:
 def _get_study(database_id: int, uid: str) -> Study:
     found = (Study.select(Study, Patient).join(Patient)
              .where(Study.database_id == database_id, Study.study_instance_uid == uid,
-                    holds_instances(database_id)).first())
+                    Study.id.in_(_held_studies(database_id))).first())
     if found is None:
         raise NotFound(f"no study {uid!r} in this database")
     return found
