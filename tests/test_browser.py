@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_web import PASSWORD, Site
-from watcher import models
+from test_web import PASSWORD, site  # noqa: F401 (the fixture: a running service with its web app)
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRED = os.environ.get("WATCHER_REQUIRE_BROWSER") == "1"
@@ -36,16 +35,6 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield chromium
         chromium.close()
-
-
-@pytest.fixture
-def site(tmp_path, db_url):
-    s = Site(tmp_path, db_url)
-    models.connect(s.config.database.url)
-    yield s
-    s.stop()
-    models.database.close()
-    assert s.service.returncode == 0, s.log.read_text()
 
 
 @pytest.fixture

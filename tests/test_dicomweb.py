@@ -16,22 +16,12 @@ import pytest
 
 from conftest import wait_for
 from dicomfiles import ct, write
-from test_web import Site
+from test_web import site  # noqa: F401 (the fixture: a running service with its web app)
 from watcher import models
 from watcher.models import Instance
 
 pytestmark = pytest.mark.slow
 RELATED = 'multipart/related; type="application/dicom"'
-
-
-@pytest.fixture
-def site(tmp_path, db_url):
-    s = Site(tmp_path, db_url)
-    models.connect(s.config.database.url)
-    yield s
-    s.stop()
-    models.database.close()
-    assert s.service.returncode == 0, s.log.read_text()
 
 
 def parts_of(response: httpx.Response) -> list[bytes]:
