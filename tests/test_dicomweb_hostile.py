@@ -488,10 +488,13 @@ class LyingSource:
     ``behaviour[sop]`` says: ok, missing (404), other (another object's bytes), truncated
     (cut mid-part, then closed), no-end (the body ends without its closing boundary), endless
     (the object, then zeros for ever),
-    two (two parts), html (not multipart), nonjson (QIDO answers HTML)."""
+    two (two parts), html (not multipart), nonjson (QIDO answers HTML). A series is served as
+    ``series`` says: none (404), ok (every instance a part), cut (its first instance whole,
+    then the connection closes mid-part), lacking (all but its last instance), twice (its
+    first instance twice), extra (one more instance than listed: ``extra``'s bytes)."""
 
     def __init__(self, study: str, objects: dict, behaviour: dict, other: bytes = b"",
-                 qido: str = "ok", redirect: str = ""):
+                 qido: str = "ok", redirect: str = "", series: str = "none", extra: bytes = b""):
         outer = self
         self.requests = []
         self.authorizations = []
@@ -523,6 +526,8 @@ class LyingSource:
                                 for sop, (se, _) in objects.items()]
                     return self._answer(200, "application/dicom+json", json.dumps(rows).encode())
                 sop = path.rsplit("/", 1)[-1]
+                if "/instances/" not in path and series != "none":
+                    return self._series(sop)
                 if sop not in objects:
                     return self._answer(404, "text/plain", b"no")
                 data, how = objects[sop][1], behaviour.get(sop, "ok")
@@ -561,6 +566,28 @@ class LyingSource:
                     self.close_connection = True
                     return
                 self._answer(200, kind, body)
+
+            def _series(self, uid):
+                datas = [data for sop, (se, data) in sorted(objects.items()) if se == uid]
+                if not datas:
+                    return self._answer(404, "text/plain", b"no")
+                if series == "lacking":
+                    datas = datas[:-1]
+                elif series == "twice":
+                    datas = [datas[0], *datas]
+                elif series == "extra":
+                    datas = [*datas, extra]
+                head = b"--B\r\nContent-Type: application/dicom\r\n\r\n"
+                body = b"".join(head + data + b"\r\n" for data in datas) + b"--B--\r\n"
+                if series != "cut":
+                    return self._answer(200, f"{RELATED}; boundary=B", body)
+                self.send_response(200)
+                self.send_header("Content-Type", f"{RELATED}; boundary=B")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(head + datas[0] + b"\r\n" + head + datas[1][:len(datas[1]) // 2])
+                self.wfile.flush()
+                self.close_connection = True
 
             def _answer(self, status, content_type, body):
                 self.send_response(status)
@@ -635,6 +662,55 @@ def test_replication_from_a_source_that_lies_fails_clearly_and_stores_nothing_wr
     for r in rows:  # every stored object is what it is recorded as
         assert (here.archive.dir / r.stored_path).read_bytes() == objects[r.sop_instance_uid][1]
         assert hashlib.sha256(objects[r.sop_instance_uid][1]).hexdigest() == r.sha256
+    assert _leftovers(here) == []
+
+
+@pytest.mark.parametrize("how, one_by_one", [("ok", 0), ("cut", 3), ("lacking", 1), ("twice", 0)])
+def test_a_series_comes_in_one_request_and_what_its_answer_lacks_one_by_one(here, tmp_path, how,
+                                                                            one_by_one):
+    study, objects = _study(tmp_path, 4)
+    with LyingSource(study, objects, {}, series=how) as source:
+        result = here.replicate(source.root, "--study", study)
+    assert result.exit_code == 0, result.output
+    [report] = json.loads(result.stdout)
+    assert (report["listed"], report["stored"], report["present"], report["failed"]) == (4, 4, 0, 0)
+    rows = list(Instance.select())
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(objects)
+    for r in rows:
+        assert (here.archive.dir / r.stored_path).read_bytes() == objects[r.sop_instance_uid][1]
+    wado = [r for r in source.requests if "/series/" in r]
+    [series] = {se for se, _ in objects.values()}
+    assert wado.count(f"/dicom-web/studies/{study}/series/{series}") == 1
+    assert len(wado) == 1 + one_by_one, wado
+    assert _leftovers(here) == []
+
+
+def test_an_instance_a_series_brings_that_was_not_listed_is_stored_and_counted(here, tmp_path):
+    study, objects = _study(tmp_path, 2)
+    [series] = {se for se, _ in objects.values()}
+    late = ct(study_uid=study, series_uid=series)
+    extra = write(tmp_path / "late.dcm", late).read_bytes()
+    with LyingSource(study, objects, {}, series="extra", extra=extra) as source:
+        result = here.replicate(source.root, "--study", study)
+    assert result.exit_code == 0, result.output
+    [report] = json.loads(result.stdout)
+    assert (report["listed"], report["stored"], report["complete"]) == (3, 3, True), report
+    assert {r.sop_instance_uid for r in Instance.select()} == {*objects, late.SOPInstanceUID}
+
+
+def test_a_series_here_in_part_fetches_only_its_missing_instances(here, tmp_path):
+    study, objects = _study(tmp_path, 4)
+    away = sorted(objects)[:2]
+    with LyingSource(study, objects, {sop: "missing" for sop in away}) as source:  # (no series)
+        first = here.replicate(source.root, "--study", study)
+    assert first.exit_code == 1 and json.loads(first.stdout)[0]["stored"] == 2
+    with LyingSource(study, objects, {}, series="ok") as source:
+        result = here.replicate(source.root, "--study", study)
+    assert result.exit_code == 0, result.output
+    [report] = json.loads(result.stdout)
+    assert (report["stored"], report["present"], report["failed"]) == (2, 2, 0)
+    wado = [r for r in source.requests if "/series/" in r]
+    assert sorted(r.rsplit("/", 1)[-1] for r in wado) == away, wado  # one by one, those only
     assert _leftovers(here) == []
 
 

@@ -5,6 +5,7 @@ WADO-RS answers (written here from files; read here by a replication). The parsi
 python-multipart's; this module only says where each part's bytes go.
 """
 
+import hashlib
 import os
 import secrets
 from email.message import Message
@@ -44,13 +45,27 @@ def boundary_of(content_type: str, part_type: str = DICOM) -> str:
     return params["boundary"]
 
 
+class _Raised(Exception):
+    """Carries what ``on_part`` raised through the parser, untouched."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
 class Part:
     """One part written to a file: where, its headers, its size."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, hashed: bool = False):
         self.path = path
         self.headers: dict[str, str] = {}
         self.size = 0
+        self.digest = hashlib.sha256() if hashed else None
+
+    @property
+    def sha256(self) -> str | None:
+        """The sha256 of the bytes written (``hashed`` parts only), hashed as they came."""
+        return self.digest.hexdigest() if self.digest is not None else None
 
     @property
     def content_type(self) -> str:
@@ -63,12 +78,15 @@ class PartsToFiles:
     properly; ``BadBody`` if it did not. The files are the caller's to remove."""
 
     def __init__(self, folder: Path, boundary: str, prefix: str = "part", max_parts: int = 100_000,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, hashed: bool = False, on_part=None):
         """``max_bytes``: the most the parts may hold together (``BadBody`` beyond: a sender
-        that never ends would fill the disk)."""
+        that never ends would fill the disk). ``hashed``: each part's sha256 is computed as its
+        bytes are written. ``on_part(part)``: called as each part ends, its file closed; from
+        then on the part's file is the callback's, and ``abandon()`` leaves it alone."""
         self.folder, self.prefix, self.max_parts, self.max_bytes = folder, prefix, max_parts, max_bytes
-        self.total = 0
-        self.parts: list[Part] = []
+        self.hashed, self.on_part = hashed, on_part
+        self.total = self.count = 0
+        self.parts: list[Part] = []  # (those not handed to on_part)
         self._fd: int | None = None
         self._field = self._value = b""
         self._ended = False
@@ -80,6 +98,8 @@ class PartsToFiles:
     def feed(self, chunk: bytes) -> None:
         try:
             self._parser.write(chunk)
+        except _Raised as raised:  # by on_part: its own exception, as it was
+            raise raised.error from None
         except BadBody:
             raise
         except Exception as exc:  # python-multipart's errors: a malformed body
@@ -102,25 +122,34 @@ class PartsToFiles:
             part.path.unlink(missing_ok=True)
 
     def _begin(self) -> None:
-        if len(self.parts) >= self.max_parts:
+        if self.count >= self.max_parts:
             raise BadBody(f"more than {self.max_parts} parts")
+        self.count += 1
         path = self.folder / f"{self.prefix}-{secrets.token_hex(8)}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.parts.append(Part(path))
+        self.parts.append(Part(path, self.hashed))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         self.total += end - start
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise BadBody(f"more than {self.max_bytes:,} bytes: refused before the disk fills")
         view = memoryview(data)[start:end]
+        part = self.parts[-1]
+        if part.digest is not None:
+            part.digest.update(view)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self.parts[-1].size += end - start
+        part.size += end - start
 
     def _end(self) -> None:
         os.close(self._fd)
         self._fd = None
+        if self.on_part is not None:
+            try:
+                self.on_part(self.parts.pop())
+            except BaseException as exc:
+                raise _Raised(exc) from None
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]

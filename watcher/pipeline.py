@@ -82,25 +82,28 @@ def ingest_together(files: list, config: Config) -> list:
     ``Unavailable`` that stopped it.
     """
     with archive.storing(config.archive.dir):  # no repair runs between a store and its commit
-        return _together(files, config)
+        return together([ingesting(path, config, final, attempt) for path, final, attempt in files])
 
 
-def _together(files: list, config: Config) -> list:
-    results: list = [None] * len(files)
+def together(steps: list, caught: tuple = (Unavailable,)) -> list:
+    """Run each generator of ``steps`` (``ingesting``, ``ingesting_object``) to its record,
+    commit those records in one transaction, and on to their outcomes; in order, each one's
+    Outcome, or the exception of ``caught`` that stopped it."""
+    results: list = [None] * len(steps)
     waiting: list = []  # (index, steps, record): stored, waiting for the commit
-    for i, (path, final, attempt) in enumerate(files):
-        results[i] = _advance(ingesting(path, config, final, attempt), i, waiting)
+    for i, one in enumerate(steps):
+        results[i] = _advance(one, i, waiting, caught=caught)
     while waiting:
         batch, waiting = waiting, []
-        for (i, steps, _), result in zip(batch, commit_all([record for _, _, record in batch])):
-            results[i] = _advance(steps, i, waiting, result)
+        for (i, one, _), result in zip(batch, commit_all([record for _, _, record in batch])):
+            results[i] = _advance(one, i, waiting, result, caught)
     return results
 
 
 _START = object()
 
 
-def _advance(steps, i: int, waiting: list, result=_START):
+def _advance(steps, i: int, waiting: list, result=_START, caught: tuple = (Unavailable,)):
     """Run ``steps`` on (sent ``result``, or thrown it if an exception) to its next record,
     which goes to ``waiting``, or to its outcome, which is returned."""
     try:
@@ -112,7 +115,7 @@ def _advance(steps, i: int, waiting: list, result=_START):
             record = steps.send(result)
     except StopIteration as done:
         return done.value
-    except Unavailable as exc:
+    except caught as exc:
         return exc
     waiting.append((i, steps, record))
     return None
@@ -290,11 +293,26 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
     ``study_uid``: the study it said the object belongs to (an upload to one study);
     ``refused``: the intake refuses it already (kept as rejected, with that reason).
     """
+    # (no repair runs between the store and the commit: it would take the original for an orphan)
+    with archive.storing(config.archive.dir):
+        return _ingest_one(ingesting_object(path, origin, config, sop_class_uid, sop_instance_uid,
+                                            study_uid, refused), commit_now)
+
+
+def ingest_objects(objects: list[dict], config: Config) -> list:
+    """``ingest_object`` for many objects (each a dict of its arguments), their rows committed
+    in one transaction; in order, each one's Outcome or the exception that stopped it."""
+    with archive.storing(config.archive.dir):
+        return together([ingesting_object(config=config, **one) for one in objects], caught=(Exception,))
+
+
+def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = "",
+                     sop_instance_uid: str = "", study_uid: str | None = None,
+                     refused: Rejected | None = None):
+    """The stages of ``ingest_object`` as a generator, as ``ingesting`` is ``ingest``'s."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
-    # (no repair runs between the store and the commit: it would take the original for an orphan)
-    with archive.storing(config.archive.dir), Source(path.parent, path.name, lease=False,
-                                                     private=True) as source:
+    with Source(path.parent, path.name, lease=False, private=True) as source:
         try:
             if refused is not None:
                 raise refused
@@ -309,14 +327,11 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                     f"the dataset belongs to study {info.study_instance_uid}, but it was sent to "
                     f"study {study_uid}"))
             stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED)
-            record = catalog.InstanceRecord(info, stored, label, origin.creator,
-                                            config.import_.node, origin)
-            try:
-                result = commit_now(record)
-            except BaseException:
-                # Left for ``verify --repair``: another intake may be storing the same bytes
-                # under the same name right now, its row not committed yet.
-                raise
+            # A failed commit raises from the yield and leaves the original for ``verify
+            # --repair``: another intake may be storing the same bytes under the same name
+            # right now, its row not committed yet.
+            result = yield catalog.InstanceRecord(info, stored, label, origin.creator,
+                                                  config.import_.node, origin)
             if result == "duplicate":
                 _discard(stored, config)
             outcome = Outcome(result, label, info.sop_instance_uid, stored.sha256,

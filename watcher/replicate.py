@@ -4,9 +4,12 @@ The source is a DICOMweb root (an Orthanc's ``…/dicom-web/``, another dicom-wa
 ``…/dicom-web/<database>/``, a dcm4chee). QIDO-RS lists its studies and their instances;
 each instance not stored here yet is fetched with WADO-RS as stored there
 (``transfer-syntax=*``), streamed into a file on the archive's file system, and handed to the
-one ingest path (``pipeline.ingest_object``) with a ``replication`` origin. A few fetches run
-at once; at most ``AHEAD`` fetched objects wait on disk for the ingest, so memory and disk stay
-flat whatever the study's size.
+one ingest path (``pipeline.ingest_objects``) with a ``replication`` origin. A series of which
+nothing is here yet is fetched in one request (its parts are its instances); what such an
+answer lacks, and every instance of a series that is here in part, is fetched one request an
+instance. A few fetches run at once; at most ``AHEAD`` fetched objects wait on disk for the
+ingest (a fetch that is further ahead waits before it reads on), so memory and disk stay flat
+whatever the study's size. What has arrived is ingested together: one commit for all.
 
 Running it again (after a crash, a kill, a network cut) fetches only what is missing: an
 instance is "already present" when its SOP Instance UID is in the target database (or still
@@ -16,12 +19,12 @@ not stored, and counted as failed.
 """
 
 import collections
-import contextlib
 import dataclasses
 import datetime
 import getpass
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -33,16 +36,16 @@ import httpx
 from . import archive
 from .config import Config
 from .models import IMPORT, IMPORT_ID, Event, Instance, utcnow
-from .multipart import CHUNK, BadBody, PartsToFiles, boundary_of
+from .multipart import BadBody, PartsToFiles, boundary_of
 from .origin import from_replication
-from .pipeline import ingest_object, is_unavailable
+from .pipeline import ingest_objects, is_unavailable
 from .studies import databases
 from .studies.distribute import distribute
 
 LOGGER = logging.getLogger(__name__)
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 WORKERS = 4  # fetches at once
-AHEAD = 2 * WORKERS  # fetched objects waiting on disk for the ingest, at most
+AHEAD = 32  # fetched objects waiting on disk for the ingest (and ingested together), at most
 PAGE = 1000  # QIDO-RS results asked for at a time
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
@@ -149,29 +152,46 @@ class Source:
         return {r["sop_instance_uid"]: r["sha256"] for r in rows
                 if isinstance(r, dict) and r.get("sop_instance_uid") and r.get("sha256")}
 
-    def fetch(self, item: Listed, folder: Path) -> Path:
-        """WADO-RS: the original, streamed into a new file in ``folder``; its path."""
-        url = f"{self.root}studies/{item.study}/series/{item.series}/instances/{item.sop}"
+    def fetch(self, fetch: "Fetch", folder: Path, deliver) -> None:
+        """WADO-RS: each original of the answer streamed into a new file in ``folder`` and
+        handed to ``deliver(Fetched)``: a series' as soon as each is whole, an instance once its
+        answer has ended properly. ``SourceError`` if the answer is not what was asked for, or is
+        cut short (what was delivered before stays delivered)."""
+        url = self.root + fetch.path
+        held = []  # (the one instance asked for)
         try:
             with self.client.stream("GET", url, headers={"Accept": ACCEPT}) as answer:
                 if answer.status_code != 200:
                     raise SourceError(f"GET {url}: HTTP {answer.status_code}")
+
+                def whole(part):
+                    if part.content_type != "application/dicom":
+                        part.path.unlink(missing_ok=True)
+                        raise SourceError(f"GET {url}: a part of type {part.content_type}")
+                    got = Fetched(part.path, part.sha256, fetch.sop or _sop_in(part.path), part.size)
+                    if fetch.sop:
+                        held.append(got)
+                    else:
+                        deliver(got)
+
                 parts = PartsToFiles(folder, boundary_of(answer.headers.get("content-type", "")),
-                                     prefix="wado", max_parts=1, max_bytes=room_for_one(folder))
+                                     prefix="wado", max_parts=1 if fetch.sop else 1_000_000,
+                                     max_bytes=room_for(folder, fetch), hashed=True, on_part=whole)
                 try:
-                    for chunk in answer.iter_bytes(CHUNK):
+                    for chunk in answer.iter_bytes():  # (as it comes: a cut loses no whole part)
                         parts.feed(chunk)
-                    files = parts.close()
-                    if len(files) != 1 or files[0].content_type != "application/dicom":
-                        raise SourceError(f"GET {url}: {len(files)} parts, not one application/dicom")
+                    parts.close()
                 except BaseException:
                     parts.abandon()
+                    for got in held:
+                        got.path.unlink(missing_ok=True)
                     raise
         except BadBody as exc:
             raise SourceError(f"GET {url}: {exc}") from None
         except httpx.HTTPError as exc:
             raise SourceError(f"GET {url}: {_http_error(exc)}") from None
-        return files[0].path
+        for got in held:
+            deliver(got)
 
     def _search(self, path: str, params: dict) -> list[dict]:
         """A QIDO-RS search, a page at a time: on while a page is full or the source warns of
@@ -211,10 +231,50 @@ class Source:
 MAX_OBJECT_BYTES = 16 << 30  # more than any original we expect (a DICOM length field is 32-bit)
 
 
-def room_for_one(folder: Path) -> int:
-    """The most one fetched object may take: a source that streams without end is cut off
-    before the archive's disk is full."""
-    return min(MAX_OBJECT_BYTES, archive.room(folder))
+@dataclasses.dataclass(frozen=True)
+class Fetch:
+    """One WADO-RS request: a whole series, or one instance of it (``sop``)."""
+    study: str
+    series: str
+    sop: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"studies/{self.study}/series/{self.series}" + (f"/instances/{self.sop}" if self.sop else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """One original that arrived whole: its file, the sha256 of its bytes as they came, the
+    SOP Instance UID asked for (or, from a series, the one it holds; empty if unreadable), its size."""
+    path: Path
+    sha256: str
+    sop: str
+    size: int
+
+
+def room_for(folder: Path, fetch: Fetch) -> int:
+    """The most one answer may bring: a source that streams without end is cut off before the
+    archive's disk is full."""
+    room = archive.room(folder)
+    return min(MAX_OBJECT_BYTES, room) if fetch.sop else room
+
+
+def _sop_in(path: Path) -> str:
+    """The SOP Instance UID a fetched file holds: its file meta's (the ingest rejects a dataset
+    that says otherwise), else its dataset's; empty if it holds none we can read (the ingest
+    then says why it is rejected)."""
+    import pydicom
+    for read in (pydicom.filereader.read_file_meta_info,
+                 lambda p: pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])):
+        try:
+            found = read(path)
+            uid = str(found.get("MediaStorageSOPInstanceUID") or found.get("SOPInstanceUID") or "").strip()
+        except Exception:  # not DICOM, or cut
+            continue
+        if uid:
+            return uid
+    return ""
 
 
 def _value(row: dict, tag: str) -> str:
@@ -287,12 +347,7 @@ class Replication:
                                          "conflict: decide which is right)")
             else:
                 report.present += 1
-        with contextlib.closing(self._fetched(missing)) as fetching:
-            for item, fetched in fetching:
-                self._ingest(report, item, fetched, sums)
-                if self.stopping is not None and self.stopping.is_set():
-                    report.errors.append("stopped before the study was complete")
-                    break
+        self._fetch_and_ingest(report, listed, missing, sums)
         if report.stored or report.failed:
             self._record(report)
         if self.to != IMPORT and (report.stored or report.present):
@@ -305,52 +360,98 @@ class Replication:
     def _database_ids(self) -> list[int]:
         return sorted({IMPORT_ID, databases.get(self.to).id})
 
-    def _fetched(self, items: list[Listed]):
-        """(item, path or SourceError) in order; a few fetches run at once, and at most
-        ``AHEAD`` fetched objects wait for the caller. What is left when the caller stops
-        (an outage, a signal) is cancelled, or removed once fetched."""
-        pending = collections.deque()
+    def _fetch_and_ingest(self, report: StudyReport, listed: list[Listed], missing: list[Listed],
+                          sums: dict | None) -> None:
+        """Fetch ``missing`` (a series at once where all of it is missing) and ingest the
+        originals as they arrive; what a series' answer lacks is asked for one by one."""
+        by_sop = {item.sop: item for item in listed}
+        in_series = collections.Counter(item.series for item in listed)
+        wanted = collections.defaultdict(list)
+        for item in missing:
+            wanted[item.series].append(item)
+        fetcher = _Fetcher(self.source, self.folder, self.pool)
+        for series, items in wanted.items():
+            if len(items) == in_series[series] and len(items) > 1:
+                fetcher.add(Fetch(report.study_instance_uid, series))
+            else:
+                for item in items:
+                    fetcher.add(Fetch(item.study, item.series, item.sop))
+        handled: set[str] = set()
         try:
-            for item in items:
-                pending.append((item, self.pool.submit(self.source.fetch, item, self.folder)))
-                if len(pending) >= AHEAD:
-                    yield _result(*pending.popleft())
-            while pending:
-                yield _result(*pending.popleft())
+            while fetcher.running:
+                arrived = []  # (item, Fetched): ingested together, one commit for all
+                for fetch, got in fetcher.waiting():
+                    if isinstance(got, Fetched):
+                        if got.sop and got.sop in handled:  # (a source that sends one twice)
+                            got.path.unlink(missing_ok=True)
+                            continue
+                        handled.add(got.sop)
+                        item = by_sop.get(got.sop)
+                        if item is None:  # not listed (it came to the series since): taken too
+                            item = Listed(report.study_instance_uid, fetch.series, got.sop)
+                            report.listed += 1 if got.sop else 0
+                        arrived.append((item, got))
+                    elif fetch.sop:  # one instance that did not come
+                        if fetch.sop not in handled:
+                            self._fail(report, by_sop[fetch.sop], str(got) if got else
+                                       "the source's answer held no instance")
+                    else:  # a series: what it did not bring, one by one
+                        self._ask_for_the_rest(fetcher, fetch, got, wanted[fetch.series], handled)
+                self._ingest(report, arrived, sums)
+                if self.stopping is not None and self.stopping.is_set():
+                    report.errors.append("stopped before the study was complete")
+                    break
         finally:
-            for _, future in pending:
-                future.cancel()
-            for _, future in pending:
-                if not future.cancelled() and future.exception() is None:
-                    future.result().unlink(missing_ok=True)
+            fetcher.close()
 
-    def _ingest(self, report: StudyReport, item: Listed, fetched, sums) -> None:
-        if isinstance(fetched, Exception):
-            return self._fail(report, item, str(fetched))
+    def _ask_for_the_rest(self, fetcher: "_Fetcher", fetch: Fetch, error, wanted: list[Listed],
+                          handled: set[str]) -> None:
+        lacking = [item for item in wanted if item.sop not in handled]
+        if lacking:
+            LOGGER.info("%s%s brought %d of %d instances%s: asking for the rest one by one",
+                        self.source.name, fetch.path, len(wanted) - len(lacking), len(wanted),
+                        f" ({error})" if error else "")
+        for item in lacking:
+            fetcher.add(Fetch(item.study, item.series, item.sop))
+
+    def _ingest(self, report: StudyReport, arrived: list, sums) -> None:
+        """Ingest what arrived, in one transaction; each is counted as stored, present or failed.
+        An outage of the archive or the database is raised once all are counted."""
+        origin = from_replication(self.actor, self.source.name)
+        taken = []
+        for item, fetched in arrived:
+            if sums and item.sop in sums and fetched.sha256 != sums[item.sop]:
+                fetched.path.unlink(missing_ok=True)
+                self._fail(report, item, "the bytes received differ from the source's original "
+                                         "(sha256): not stored")
+            else:
+                taken.append((item, fetched))
         try:
-            size = fetched.stat().st_size
-            if sums and item.sop in sums and archive.sha256_of(fetched) != sums[item.sop]:
-                return self._fail(report, item, "the bytes received differ from the source's "
-                                                "original (sha256): not stored")
-            origin = from_replication(self.actor, self.source.name)
-            outcome = ingest_object(fetched, origin, self.config, sop_instance_uid=item.sop,
-                                    study_uid=item.study)
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise  # the archive or the database: nothing more can be stored now
-            LOGGER.exception("replication of %s: ingest failed", item.sop)
-            return self._fail(report, item, f"{type(exc).__name__}: {exc}")
+            outcomes = ingest_objects([dict(path=fetched.path, origin=origin, sop_instance_uid=item.sop,
+                                            study_uid=item.study) for item, fetched in taken],
+                                      self.config) if taken else []
         finally:
-            fetched.unlink(missing_ok=True)  # (the archive has its inode, or rejected_dir a copy)
-        if outcome.outcome == "imported":
-            report.stored += 1
-            report.bytes += size
-        elif outcome.outcome == "duplicate":
-            report.present += 1
-        else:
-            self._fail(report, item, f"{outcome.outcome}"
-                       + (f" as {outcome.reason}: {outcome.detail}" if outcome.reason else
-                          f": {outcome.detail}" if outcome.detail else ""))
+            for _, fetched in taken:  # (the archive has their inodes, or rejected_dir copies)
+                fetched.path.unlink(missing_ok=True)
+        outage = None
+        for (item, fetched), outcome in zip(taken, outcomes):
+            if isinstance(outcome, Exception):
+                if is_unavailable(outcome):
+                    outage = outage or outcome
+                else:
+                    LOGGER.error("replication of %s: ingest failed", item.sop, exc_info=outcome)
+                self._fail(report, item, f"{type(outcome).__name__}: {outcome}")
+            elif outcome.outcome == "imported":
+                report.stored += 1
+                report.bytes += fetched.size
+            elif outcome.outcome == "duplicate":
+                report.present += 1
+            else:
+                self._fail(report, item, f"{outcome.outcome}"
+                           + (f" as {outcome.reason}: {outcome.detail}" if outcome.reason else
+                              f": {outcome.detail}" if outcome.detail else ""))
+        if outage is not None:
+            raise outage  # nothing more can be stored now
 
     @staticmethod
     def _fail(report: StudyReport, item: Listed, why: str) -> None:
@@ -378,11 +479,73 @@ class Replication:
                                  "holds other bytes under their SOP Instance UIDs")
 
 
-def _result(item: Listed, future):
-    try:
-        return item, future.result()
-    except SourceError as exc:
-        return item, exc
+class _Cancelled(Exception):
+    """The run stopped taking what is fetched: the fetch ends where it is."""
+
+
+class _Fetcher:
+    """Fetches on the pool; ``waiting()`` gives ``(fetch, Fetched)`` for each original that
+    has arrived and ``(fetch, None or SourceError)`` for each fetch that has ended. Originals
+    wait in a queue of ``AHEAD``: a fetch that is that far ahead waits (and its source with it)."""
+
+    def __init__(self, source: Source, folder: Path, pool: ThreadPoolExecutor):
+        self.source, self.folder, self.pool = source, folder, pool
+        self.queue: queue.Queue = queue.Queue(AHEAD)
+        self.cancelled = threading.Event()
+        self.running = 0  # fetches added and not ended
+
+    def add(self, fetch: Fetch) -> None:
+        self.running += 1
+        self.pool.submit(self._run, fetch)
+
+    def waiting(self) -> list:
+        """What has arrived: at least one thing (waited for), at most ``AHEAD``."""
+        found = [self.queue.get()]
+        while len(found) < AHEAD:
+            try:
+                found.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self.running -= sum(not isinstance(got, Fetched) for _, got in found)
+        return found
+
+    def close(self) -> None:
+        """Stop: fetches end at their next original; what waits is removed (and the run's
+        folder, with anything a fetch was writing, when the run ends)."""
+        self.cancelled.set()
+        while True:
+            try:
+                _, got = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(got, Fetched):
+                got.path.unlink(missing_ok=True)
+
+    def _run(self, fetch: Fetch) -> None:
+        try:
+            self.source.fetch(fetch, self.folder, lambda got: self._put(fetch, got))
+            ended = None
+        except _Cancelled:
+            return
+        except SourceError as exc:
+            ended = exc
+        except Exception as exc:  # (a disk that is full, …): that fetch failed, say why
+            LOGGER.exception("fetching %s%s failed", self.source.name, fetch.path)
+            ended = SourceError(f"GET {self.source.root}{fetch.path}: {type(exc).__name__}: {exc}")
+        try:
+            self._put(fetch, ended)
+        except _Cancelled:
+            pass
+
+    def _put(self, fetch: Fetch, got) -> None:
+        while not self.cancelled.is_set():
+            try:
+                return self.queue.put((fetch, got), timeout=0.2)
+            except queue.Full:
+                continue
+        if isinstance(got, Fetched):
+            got.path.unlink(missing_ok=True)
+        raise _Cancelled
 
 
 def replicate(config: Config, url: str, token: str | None = None, studies=(), since: str = "",
