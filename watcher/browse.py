@@ -8,7 +8,7 @@ Only what holds instances counts: a move leaves empty patient, study and series 
 
 import re
 
-from peewee import fn
+from peewee import SQL, fn
 
 from .errors import Refused
 from .models import Instance, Patient, Series, Study
@@ -22,9 +22,15 @@ class NotFound(Refused):
     """No such study, series or instance in this database (the web app: 404)."""
 
 
-def _held_studies(database_id: int):
-    held_series = Instance.select(Instance.series).where(Instance.database_id == database_id)
-    return Series.select(Series.study).where(Series.id.in_(held_series))
+def holds_instances(database_id: int):
+    """The condition on ``Study`` that it holds an instance of the database, asked of each
+    study: one of its series (by their study) has an instance of the database (by the index
+    on database and series). Not an ``IN`` over every instance of the database (50–70 ms at
+    1,000,000 instances on SQLite, against 6 ms), nor a join of instance to series inside one
+    ``EXISTS``, which SQLite plans as a walk over the database's instances for each study."""
+    instance = Instance.select(SQL("1")).where(Instance.database_id == database_id,
+                                               Instance.series == Series.id)
+    return fn.EXISTS(Series.select(SQL("1")).where(Series.study == Study.id, fn.EXISTS(instance)))
 
 
 def _date_condition(text: str, column=Study.study_date):
@@ -50,7 +56,7 @@ def studies(database_id: int, patient: str = "", date: str = "", modality: str =
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise Refused(f"limit must be 1 to {MAX_LIMIT} and offset not negative")
     query = (Study.select(Study, Patient).join(Patient)
-             .where(Study.database_id == database_id, Study.id.in_(_held_studies(database_id))))
+             .where(Study.database_id == database_id, holds_instances(database_id)))
     if patient.strip():
         query = query.where(Patient.patient_id.contains(patient.strip())
                             | Patient.name.contains(patient.strip()))
@@ -69,16 +75,22 @@ def studies(database_id: int, patient: str = "", date: str = "", modality: str =
             "studies": [_study(s, counts.get(s.id, {})) for s in page]}
 
 
+def held_series(study_ids: list[int], database_id: int):
+    """(study id, modality, instances) of each series of these studies that holds instances of
+    the database: the series found by their study, each counted by the index on database and
+    series (a join from instance walks every instance of the database: 60–80 ms at 1,000,000)."""
+    if not study_ids:
+        return []
+    held = (Instance.select(fn.COUNT(Instance.id))
+            .where(Instance.database_id == database_id, Instance.series == Series.id))
+    rows = Series.select(Series.study, Series.modality, held).where(Series.study.in_(study_ids)).tuples()
+    return [(study_id, modality, n) for study_id, modality, n in rows if n]
+
+
 def _counts(study_ids: list[int], database_id: int) -> dict:
     """Per study: its modalities, how many series and instances it holds in the database."""
-    if not study_ids:
-        return {}
     found: dict = {}
-    rows = (Series.select(Series.study, Series.modality, fn.COUNT(Instance.id))
-            .join(Instance, on=(Instance.series == Series.id))
-            .where(Series.study.in_(study_ids), Instance.database_id == database_id)
-            .group_by(Series.study, Series.id, Series.modality).tuples())
-    for study_id, modality, n in rows:
+    for study_id, modality, n in held_series(study_ids, database_id):
         c = found.setdefault(study_id, {"modalities": set(), "series": 0, "instances": 0})
         c["modalities"].add(modality)
         c["series"] += 1
@@ -99,7 +111,7 @@ def _study(s: Study, counts: dict) -> dict:
 def _get_study(database_id: int, uid: str) -> Study:
     found = (Study.select(Study, Patient).join(Patient)
              .where(Study.database_id == database_id, Study.study_instance_uid == uid,
-                    Study.id.in_(_held_studies(database_id))).first())
+                    holds_instances(database_id)).first())
     if found is None:
         raise NotFound(f"no study {uid!r} in this database")
     return found

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from peewee import SQL, NodeList, fn
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from .browse import _date_condition
+from .browse import _date_condition, held_series, holds_instances
 from .errors import Refused
 from .models import Instance, Patient, Series, Study, is_shared
 
@@ -123,16 +123,11 @@ def _json(pairs: dict) -> dict:
     return {f"{tag_for_keyword(k):08X}": _element(k, v) for k, v in pairs.items()}
 
 
-def _held(database_id: int):
-    return Instance.select(Instance.series).where(Instance.database_id == database_id)
-
-
 def studies(database_id: int, params: dict, root: str) -> tuple[list[dict], bool]:
     """The matching studies (newest first), and whether more match than this page shows."""
     limit, offset = _page(params)
-    held = Series.select(Series.study).where(Series.id.in_(_held(database_id)))
     query = (Study.select(Study, Patient).join(Patient)
-             .where(Study.database_id == database_id, Study.id.in_(held)))
+             .where(Study.database_id == database_id, holds_instances(database_id)))
     for condition in _matching(params, STUDY_FIELDS):
         query = query.where(condition)
     page = list(query.order_by(Study.study_date.desc(), Study.id.desc()).limit(limit + 1).offset(offset))
@@ -145,11 +140,7 @@ def _study_counts(ids: list[int], database_id: int) -> dict:
     found: dict = {}
     if not ids:
         return found
-    rows = (Series.select(Series.study, Series.modality, fn.COUNT(Instance.id))
-            .join(Instance, on=(Instance.series == Series.id))
-            .where(Series.study.in_(ids), Instance.database_id == database_id)
-            .group_by(Series.study, Series.id, Series.modality).tuples())
-    for study_id, modality, n in rows:
+    for study_id, modality, n in held_series(ids, database_id):
         modalities, series, instances = found.get(study_id, (set(), 0, 0))
         found[study_id] = (modalities | {modality} - {""}, series + 1, instances + n)
     return found

@@ -34,10 +34,12 @@ def node_state(h, now) -> str:
     return h.state
 
 
-def status(database_ids=None, stable_seconds: float = 60.0) -> dict:
-    """Counts for the databases ``database_ids`` (None: all of them), per database, the nodes."""
+def status(database_ids=None, stable_seconds: float = 60.0, listing: list[dict] | None = None) -> dict:
+    """Counts for the databases ``database_ids`` (None: all of them), per database, the nodes.
+    ``listing``: ``databases.listing()`` as counted already (the dashboard's, counted in the
+    background)."""
     now = utcnow()
-    per_database = databases.listing()
+    per_database = listing if listing is not None else databases.listing()
     chosen = [d for d in per_database if database_ids is None or d["id"] in database_ids]
     return {
         **{k: sum(d[k] for d in chosen) for k in ("patients", "studies", "series", "instances",

@@ -21,20 +21,23 @@ from ..studies import rights
 from .. import upload
 from . import api, dicomweb, metrics, pages
 from .auth import Auth, BadCsrf, SignInNeeded, connected
+from .counts import Counts
 
 LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
 class Web:
-    """What the routes share: the config and the sign-in machinery of this one app."""
+    """What the routes share: the config, the sign-in machinery of this one app, and the
+    databases' counts (made in the background once the server starts it)."""
     config: Config
     auth: Auth
+    counts: Counts
 
 
 def create_app(config: Config) -> FastAPI:
     hours = config.http.session_hours if config.http is not None else 12.0
-    web = Web(config, Auth(hours * 3600))
+    web = Web(config, Auth(hours * 3600), Counts())
     app = FastAPI(title="dicom-watcher", summary="The Import database and the study databases",
                   docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.state.web = web

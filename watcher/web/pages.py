@@ -77,7 +77,8 @@ def router(web) -> APIRouter:
             visible = set(rights.readable_databases(user))
             ids = [d.id for d in databases.StudyDatabase.select().where(
                 databases.StudyDatabase.name.in_(list(visible)))] if visible else [-1]
-            status = report.status(ids, web.config.distribute.stable_seconds)
+            listing, counted_at = web.counts.latest()
+            status = report.status(ids, web.config.distribute.stable_seconds, listing)
             status["databases"] = [d for d in status["databases"] if d["name"] in visible]
             manager = rights.may(user, "manage")
             latest = report.history(limit=20) if manager else []
@@ -85,7 +86,7 @@ def router(web) -> APIRouter:
             pending = report.pending_counts(report.pending(web.config)) if manager else {}
         return render(request, "dashboard.html", user=user, csrf=session.csrf, status=status,
                       latest=latest, pending={k: v for k, v in pending.items() if v},
-                      manager=manager, ok=ok, health=health)
+                      manager=manager, ok=ok, health=health, counted_at=report.iso(counted_at))
 
     @pages.get("/databases", response_class=HTMLResponse)
     def database_list(request: Request):

@@ -28,12 +28,15 @@ class WebServer:
         self.server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self._counts = None
 
     def start(self) -> "WebServer":
         h = self.config.http
         self._socket = self._given if self._given is not None else ports.listen("http", h.bind, h.port)
+        app = create_app(self.config)
+        self._counts = app.state.web.counts.start()
         self.server = uvicorn.Server(uvicorn.Config(
-            create_app(self.config), log_config=None, access_log=False, lifespan="off",
+            app, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=GRACE_SECONDS, server_header=False))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="watcher-web", daemon=True)
@@ -57,7 +60,9 @@ class WebServer:
                 LOGGER.warning("the web app did not stop within %d s", GRACE_SECONDS + 5)
         if self._socket is not None and self._socket is not self._given:
             self._socket.close()
-        self.server = self._thread = self._socket = None
+        if self._counts is not None:
+            self._counts.stop()
+        self.server = self._thread = self._socket = self._counts = None
 
 
 __all__ = ["WebServer"]
