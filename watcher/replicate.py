@@ -168,7 +168,7 @@ class Source:
                     if part.content_type != "application/dicom":
                         part.path.unlink(missing_ok=True)
                         raise SourceError(f"GET {url}: a part of type {part.content_type}")
-                    got = Fetched(part.path, part.sha256, fetch.sop or _sop_in(part.path), part.size)
+                    got = Fetched(part.path, part.sha256, fetch.sop, part.size)
                     if fetch.sop:
                         held.append(got)
                     else:
@@ -246,7 +246,7 @@ class Fetch:
 @dataclasses.dataclass(frozen=True)
 class Fetched:
     """One original that arrived whole: its file, the sha256 of its bytes as they came, the
-    SOP Instance UID asked for (or, from a series, the one it holds; empty if unreadable), its size."""
+    SOP Instance UID asked for (empty from a series), its size."""
     path: Path
     sha256: str
     sop: str
@@ -365,6 +365,7 @@ class Replication:
         """Fetch ``missing`` (a series at once where all of it is missing) and ingest the
         originals as they arrive; what a series' answer lacks is asked for one by one."""
         by_sop = {item.sop: item for item in listed}
+        by_sha = {sha: sop for sop, sha in (sums or {}).items()}
         in_series = collections.Counter(item.series for item in listed)
         wanted = collections.defaultdict(list)
         for item in missing:
@@ -376,28 +377,22 @@ class Replication:
             else:
                 for item in items:
                     fetcher.add(Fetch(item.study, item.series, item.sop))
-        handled: set[str] = set()
+        handled: set[str] = set()  # the SOP Instance UIDs that came (stored, present or failed)
         try:
             while fetcher.running:
-                arrived = []  # (item, Fetched): ingested together, one commit for all
+                arrived, ended = [], []
                 for fetch, got in fetcher.waiting():
                     if isinstance(got, Fetched):
-                        if got.sop and got.sop in handled:  # (a source that sends one twice)
-                            got.path.unlink(missing_ok=True)
-                            continue
-                        handled.add(got.sop)
-                        item = by_sop.get(got.sop)
-                        if item is None:  # not listed (it came to the series since): taken too
-                            item = Listed(report.study_instance_uid, fetch.series, got.sop)
-                            report.listed += 1 if got.sop else 0
-                        arrived.append((item, got))
-                    elif fetch.sop:  # one instance that did not come
-                        if fetch.sop not in handled:
-                            self._fail(report, by_sop[fetch.sop], str(got) if got else
-                                       "the source's answer held no instance")
-                    else:  # a series: what it did not bring, one by one
-                        self._ask_for_the_rest(fetcher, fetch, got, wanted[fetch.series], handled)
-                self._ingest(report, arrived, sums)
+                        arrived.append((fetch, got))
+                    else:
+                        ended.append((fetch, got))
+                self._ingest(report, arrived, by_sop, handled, sums, by_sha)  # (first: what came)
+                for fetch, error in ended:
+                    if not fetch.sop:  # a series: what it did not bring, one by one
+                        self._ask_for_the_rest(fetcher, fetch, error, wanted[fetch.series], handled)
+                    elif fetch.sop not in handled:
+                        self._fail(report, by_sop[fetch.sop], str(error) if error else
+                                   "the source's answer held no instance")
                 if self.stopping is not None and self.stopping.is_set():
                     report.errors.append("stopped before the study was complete")
                     break
@@ -414,27 +409,46 @@ class Replication:
         for item in lacking:
             fetcher.add(Fetch(item.study, item.series, item.sop))
 
-    def _ingest(self, report: StudyReport, arrived: list, sums) -> None:
-        """Ingest what arrived, in one transaction; each is counted as stored, present or failed.
-        An outage of the archive or the database is raised once all are counted."""
-        origin = from_replication(self.actor, self.source.name)
-        taken = []
-        for item, fetched in arrived:
-            if sums and item.sop in sums and fetched.sha256 != sums[item.sop]:
+    def _ingest(self, report: StudyReport, arrived: list, by_sop: dict, handled: set[str],
+                sums: dict | None, by_sha: dict) -> None:
+        """Ingest what arrived, in one transaction; each is counted as stored, present or failed
+        (once: a source that sends one twice is not counted twice). An outage of the archive or
+        the database is raised once all are counted."""
+        study = report.study_instance_uid
+        taken = []  # (fetch, fetched, the SOP Instance UID it must be, if known)
+        for fetch, fetched in arrived:
+            sop, good = self._checked(fetched, sums, by_sha)
+            if sop and sop in handled:  # sent twice: counted once
                 fetched.path.unlink(missing_ok=True)
-                self._fail(report, item, "the bytes received differ from the source's original "
-                                         "(sha256): not stored")
-            else:
-                taken.append((item, fetched))
+                continue
+            if sop:
+                handled.add(sop)
+            if not good:
+                fetched.path.unlink(missing_ok=True)
+                self._fail(report, by_sop.get(sop) or Listed(study, fetch.series, sop),
+                           "the bytes received differ from the source's original (sha256): not stored")
+                continue
+            taken.append((fetch, fetched, sop))
+        origin = from_replication(self.actor, self.source.name)
         try:
-            outcomes = ingest_objects([dict(path=fetched.path, origin=origin, sop_instance_uid=item.sop,
-                                            study_uid=item.study) for item, fetched in taken],
+            outcomes = ingest_objects([dict(path=fetched.path, origin=origin, sop_instance_uid=sop,
+                                            study_uid=study) for _, fetched, sop in taken],
                                       self.config) if taken else []
         finally:
-            for _, fetched in taken:  # (the archive has their inodes, or rejected_dir copies)
+            for _, fetched, _ in taken:  # (the archive has their inodes, or rejected_dir copies)
                 fetched.path.unlink(missing_ok=True)
         outage = None
-        for (item, fetched), outcome in zip(taken, outcomes):
+        for (fetch, fetched, sop), outcome in zip(taken, outcomes):
+            if not sop:  # (from a series of a source without checksums: the object says)
+                sop = getattr(outcome, "sop_instance_uid", None) or ""
+                if sop and sop in handled:
+                    continue  # sent twice: counted once
+                if sop:
+                    handled.add(sop)
+            item = by_sop.get(sop)
+            if item is None:  # not listed (it came to the series since): taken too
+                item = Listed(study, fetch.series, sop or fetched.path.name)
+                report.listed += 1
             if isinstance(outcome, Exception):
                 if is_unavailable(outcome):
                     outage = outage or outcome
@@ -452,6 +466,21 @@ class Replication:
                               f": {outcome.detail}" if outcome.detail else ""))
         if outage is not None:
             raise outage  # nothing more can be stored now
+
+    @staticmethod
+    def _checked(fetched: Fetched, sums: dict | None, by_sha: dict) -> tuple[str, bool]:
+        """The SOP Instance UID the fetched bytes must hold ("" if unknown: the ingest reads
+        it), and whether they may be stored. From a dicom-watcher (``sums``; ``by_sha`` the same
+        the other way round), bytes with a listed sha256 are that instance's original; other
+        bytes pass only for an instance the source gave no sha256 for."""
+        if not sums:
+            return fetched.sop, True
+        if fetched.sop:  # the one instance asked for
+            return fetched.sop, sums.get(fetched.sop, fetched.sha256) == fetched.sha256
+        if fetched.sha256 in by_sha:
+            return by_sha[fetched.sha256], True
+        held = _sop_in(fetched.path)  # (a series' part that no listed sha256 matches)
+        return held, held not in sums
 
     @staticmethod
     def _fail(report: StudyReport, item: Listed, why: str) -> None:
