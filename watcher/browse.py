@@ -67,9 +67,10 @@ def studies(database_id: int, patient: str = "", date: str = "", modality: str =
             Series.database_id == database_id, Series.modality == modality.strip().upper())))
     if description.strip():
         query = query.where(Study.description.contains(description.strip()))
-    total = query.count()
-    page = list(query.order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
+    page = list(query.select_extend(fn.COUNT(Study.id).over().alias("matching"))  # (one pass for both)
+                .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
                 .limit(limit).offset(offset))
+    total = page[0].matching if page else query.count() if offset else 0
     counts = _counts([s.id for s in page], database_id)
     return {"total": total, "limit": limit, "offset": offset,
             "studies": [_study(s, counts.get(s.id, {})) for s in page]}
