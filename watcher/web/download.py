@@ -10,11 +10,13 @@ checked bytes (``read_original``).
 
 import hashlib
 import logging
+import os
 import zipfile
 from pathlib import Path
 
 LOGGER = logging.getLogger(__name__)
 CHUNK = 1 << 20
+AHEAD = 16 * CHUNK  # asked of the disk at a time, before it is needed
 
 
 class _Sink:
@@ -51,7 +53,11 @@ def read_original(archive_dir: Path, stored: str, sha256: str):
                      stored, exc.strerror)
         raise DamagedOriginal(stored) from None
     with src:
+        asked = 0  # the kernel reads up to AHEAD bytes on while a chunk is hashed and sent
         while chunk := src.read(CHUNK):
+            if src.tell() + AHEAD > asked:
+                os.posix_fadvise(src.fileno(), asked, AHEAD, os.POSIX_FADV_WILLNEED)
+                asked += AHEAD
             digest.update(chunk)
             yield chunk
     if digest.hexdigest() != sha256:
