@@ -48,6 +48,7 @@ TMP = ".tmp"
 INCOMING = ".incoming"  # the DICOM receiver's objects as they arrive (watcher/receive.py)
 LOCK, TURNSTILE = ".lock", ".turnstile"  # see storing() and repairing()
 LOCKS = (LOCK, TURNSTILE, ".rejecting")  # kernel locks' files (watcher/dispose.py has the last)
+OWNER_MARK = ".catalog-id"  # the id of the catalog this archive belongs to (watcher/ownership.py)
 FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 

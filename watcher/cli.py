@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import logs, models, report, runlock
+from . import logs, models, ownership, report, runlock
 from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Refused, Unavailable
 from .models import IMPORT
@@ -66,6 +66,11 @@ def _connect(config, read_only: bool = False) -> None:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(f"cannot open the database {config.database.url}: {exc}") from None
+    if not read_only:  # (a command that may write to the archive: it must be this catalog's)
+        try:
+            ownership.claim(config.archive.dir, config.database.url)
+        except ownership.NotOurs as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def _print_json(value) -> None:

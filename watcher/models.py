@@ -246,7 +246,8 @@ class Grant(BaseModel):
 
 
 class WebSetting(BaseModel):
-    """A value the web app keeps (its cookie-signing key: made once, never in code)."""
+    """A value the site keeps: the web app's cookie-signing key (made once, never in code), the
+    catalog's id (watcher/ownership.py)."""
     key = CharField(max_length=64, primary_key=True)
     value = TextField()
 

@@ -42,7 +42,7 @@ def verify(archive_dir: Path, rehash: bool = True) -> Findings:
     for root, dirs, files in os.walk(archive_dir):
         rel_root = os.path.relpath(root, archive_dir)
         if rel_root == ".":
-            files = [f for f in files if f not in archive.LOCKS]
+            files = [f for f in files if f not in archive.LOCKS and f != archive.OWNER_MARK]
             dirs[:] = [d for d in dirs if d != archive.INCOMING]  # objects being received, not ours yet
         for name in files:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
