@@ -1,7 +1,6 @@
 """Replication from a real Orthanc (with its DICOMweb plugin), through the real command:
 originals arrive byte for byte, each exactly once, whoever is killed on the way."""
 
-import dataclasses
 import datetime
 import getpass
 import hashlib
@@ -305,26 +304,57 @@ def test_bytes_that_differ_from_a_dicom_watcher_source_are_not_stored(site, orth
     assert not list((site.config.archive.dir / ".incoming").iterdir())
 
 
+def scheduled(site, table: dict):
+    """The site's config with one [[replication]] table, in its file too (for status)."""
+    lines = ["", "[[replication]]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    with open(site.config_path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    config = load(site.config_path)
+    return config, config.replication[0]
+
+
 def test_scheduled_replication_runs_when_due(site, orthanc, tmp_path):
     study, files = a_study(tmp_path / "src", 2)
     orthanc.upload(files)
-    [entry] = replication_config.parse([{"from": orthanc.root, "studies": [study],
-                                         "interval_seconds": 600, "creator": "nightly"}])
-    config = dataclasses.replace(site.config, replication=(entry,))
-    [reports] = replication_config.run_due(config, now=1_000_000.0).values()
+    config, _ = scheduled(site, {"from": orthanc.root, "studies": [study], "interval_seconds": 600,
+                                 "creator": "nightly"})
+    start = datetime.datetime(2026, 12, 3, 12, 0)
+    [reports] = replication_config.run_due(config, now=start).values()
     assert [(r.stored, r.complete) for r in reports] == [(2, True)]
     assert {r.creator for r in instances_of(study)} == {"nightly"}
-    assert replication_config.run_due(config, now=1_000_100.0) == {}  # not due yet
-    [again] = replication_config.run_due(config, now=1_000_700.0).values()
+    assert replication_config.run_due(config, now=start + datetime.timedelta(seconds=100)) == {}  # not due yet
+    [again] = replication_config.run_due(config, now=start + datetime.timedelta(seconds=700)).values()
     assert [(r.stored, r.present) for r in again] == [(0, 2)]
+    [state] = json.loads(site.cli("status", "--json"))["replications"]
+    assert (state["state"], state["failures"], state["last_error"]) == ("ok", 0, None)
 
 
-def test_a_scheduled_replication_that_fails_does_not_raise(site):
+def test_a_failing_scheduled_replication_is_retried_with_backoff_and_shown(site):
     url = f"http://127.0.0.1:{free_port()}/dicom-web/"
-    [entry] = replication_config.parse([{"from": url}])
-    config = dataclasses.replace(site.config, replication=(entry,))
-    [error] = replication_config.run_due(config).values()
+    config, _ = scheduled(site, {"from": url, "interval_seconds": 3600})
+    start = datetime.datetime(2026, 12, 3, 12, 0)
+    later = lambda seconds: start + datetime.timedelta(seconds=seconds)  # noqa: E731
+    [error] = replication_config.run_due(config, now=start).values()  # never raises
     assert error.startswith(f"SourceError: cannot reach {url}studies: ConnectError")
+    assert replication_config.run_due(config, now=later(30)) == {}  # backoff: 1 minute
+    assert list(replication_config.run_due(config, now=later(61))) == [url]  # then 2 minutes
+    assert replication_config.run_due(config, now=later(61 + 90)) == {}
+    [state] = json.loads(site.cli("status", "--json"))["replications"]
+    assert (state["state"], state["failures"], state["last_ok"]) == ("failing", 2, None)
+    assert state["last_error"].startswith("SourceError: cannot reach")
+    assert state["next_attempt"].startswith("2026-12-03T12:03:01")
+    for command in ("status", "pending"):
+        assert f"replication from {url} into import: failing (2 runs in a row: SourceError" in site.cli(command)
+
+
+def test_a_due_replication_that_another_node_took_is_not_run_twice(site):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web/"
+    config, entry = scheduled(site, {"from": url})
+    now = datetime.datetime(2026, 12, 3, 12, 0)
+    assert replication_config._take(entry, "other-node", now)  # it runs it (for up to its interval)
+    assert replication_config.run_due(config, now=now) == {}
+    [state] = json.loads(site.cli("status", "--json"))["replications"]
+    assert (state["state"], state["node"]) == ("running", "other-node")
 
 
 @pytest.mark.parametrize("table, message", [

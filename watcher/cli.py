@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import logs, models, ownership, report, runlock
+from . import logs, models, ownership, replication_config, report, runlock
 from .config import check_drop_dir, from_env_or
 from .errors import ConfigError, Refused, Unavailable
 from .models import IMPORT
@@ -212,6 +212,7 @@ def status(config_path, as_json, database_name, check):
         sys.exit(0 if ok else 1)
     result = report.status(_database_ids(database_name), config.distribute.stable_seconds)
     result["pending"] = report.pending_counts(report.pending(config))
+    result["replications"] = replication_config.states(config)
     if as_json:
         return _print_json(result)
     click.echo(f"{database_name}: " + "patients {patients}  studies {studies}  series {series}  "
@@ -230,6 +231,14 @@ def status(config_path, as_json, database_name, check):
     waiting = {k: v for k, v in result["pending"].items() if v}
     click.echo("pending: " + (", ".join(f"{k} {v}" for k, v in waiting.items()) or "none")
                + ("  (dicom-watcher pending: which files, and why)" if waiting else ""))
+    for r in result["replications"]:
+        click.echo(_replication_line(r))
+
+
+def _replication_line(r: dict) -> str:
+    failing = f" ({r['failures']} runs in a row: {r['last_error']})" if r["state"] == "failing" else ""
+    return (f"replication from {r['source']} into {r['to']}: {r['state']}{failing}, last complete "
+            f"{r['last_ok'] or 'never'}, next attempt {r['next_attempt'] or 'when the service runs'}")
 
 
 @cli.command()
@@ -239,12 +248,16 @@ def pending(config_path, as_json):
     """Every file in the drop folder without an outcome yet, its state and why.
 
     States: settling, queued, incomplete, open-for-writing, changing, ignored, claimed,
-    retrying, cannot-dispose. Example: dicom-watcher pending --json
+    retrying, cannot-dispose. A failing scheduled replication is named first (text only).
+    Example: dicom-watcher pending --json
     """
     config = _open(config_path, read_only=True)
     rows = report.pending(config)
     if as_json:
         return _print_json(rows)
+    for r in replication_config.states(config):  # (what waits on another archive)
+        if r["state"] == "failing":
+            click.echo(_replication_line(r))
     for r in rows:
         when = f" (next attempt {r['next_attempt']})" if r["next_attempt"] else ""
         click.echo(f"{r['state']:<16} {r['path']}\n    {r['detail']}{when}")

@@ -252,6 +252,22 @@ class WebSetting(BaseModel):
     value = TextField()
 
 
+class ReplicationState(BaseModel):
+    """A scheduled replication source (its URL without credentials), as the nodes share it:
+    its last run, how it ended, failures in a row and the last error, when it is due again."""
+    source = TextField(primary_key=True)
+    node = TextField(default="")
+    last_started = DateTimeField(null=True)
+    last_ended = DateTimeField(null=True)
+    last_ok = DateTimeField(null=True)
+    failures = IntegerField(default=0)
+    last_error = TextField(default="")
+    next_attempt = DateTimeField()
+
+    class Meta:
+        table_name = "replication_state"
+
+
 class WebSession(BaseModel):
     """A sign-in to the web app (watcher/web/auth.py): the cookie holds its secret, signed; the
     row only the sha256 of it. Signing out deletes the row; so does its account's deletion."""
@@ -263,7 +279,7 @@ class WebSession(BaseModel):
 
 
 MODELS = [StudyDatabase, Route, Patient, Study, Series, Instance, Event, Rejection, Heartbeat, Claim, Waiting, Disc,
-          Account, ApiToken, Grant, WebSetting, WebSession]
+          Account, ApiToken, Grant, WebSetting, WebSession, ReplicationState]
 
 
 def is_shared() -> bool:

@@ -20,9 +20,9 @@ import datetime
 import logging
 import math
 import threading
-import time
 
 from .errors import ConfigError, Refused
+from .models import ReplicationState, utcnow, write_transaction
 from .studies.databases import check_name
 
 LOGGER = logging.getLogger(__name__)
@@ -106,16 +106,19 @@ def _text(value, key: str) -> str:
     return value.strip()
 
 
-_last_run: dict = {}  # Replication -> time.monotonic() of its last start, in this process
+BACKOFF_SECONDS = 60.0  # a failing source is tried again after 1, 2, 4… minutes, at most its interval
 _running = threading.Lock()
 
 
-def run_due(config, stopping: threading.Event | None = None, now: float | None = None) -> dict:
-    """Run every configured replication (``config.replication``) whose interval has passed
-    since it last started in this process (each runs at once after a start). Never raises:
-    a source that cannot be reached, a refused target, an outage are logged and tried again
-    at the next interval. ``stopping``: set it to stop between two instances. Returns
-    {source URL: the studies' reports, or the error's message} of the runs it made."""
+def run_due(config, stopping: threading.Event | None = None,
+            now: datetime.datetime | None = None) -> dict:
+    """Run every configured replication (``config.replication``) that is due: never run, its
+    interval passed since its last start, or (failing) its backoff passed. The state is the
+    catalog's (``ReplicationState``), so every node sees it, ``status`` shows it, and one node
+    at a time takes a due source. Never raises: a source that cannot be reached, a refused
+    target, an outage are logged, recorded and tried again with backoff. ``stopping``: set it to
+    stop between two instances. ``now``: UTC, for tests. Returns {source URL: the studies'
+    reports, or the error's message} of the runs it made."""
     if not _running.acquire(blocking=False):
         return {}  # the previous call is still at work
     try:
@@ -123,15 +126,75 @@ def run_due(config, stopping: threading.Event | None = None, now: float | None =
         for r in getattr(config, "replication", ()):
             if stopping is not None and stopping.is_set():
                 break
-            now_ = time.monotonic() if now is None else now
-            last = _last_run.get(r)
-            if last is not None and now_ - last < r.interval_seconds:
+            started = now or utcnow()
+            if not _take(r, config.import_.node, started):
                 continue
-            _last_run[r] = now_
-            done[r.source] = _run(config, r, stopping)
+            done[r.source] = result = _run(config, r, stopping)
+            _record(r, result, started, now or utcnow())
         return done
     finally:
         _running.release()
+
+
+def _take(r: Replication, node: str, now: datetime.datetime) -> bool:
+    """This node runs ``r`` now if it is due; until it ends, it is not due for anyone (for one
+    interval: a node killed on the way leaves it to the others after that)."""
+    with write_transaction():
+        ReplicationState.insert(source=_key(r), next_attempt=now).on_conflict_ignore().execute()
+        taken = (ReplicationState.update(node=node, last_started=now,
+                                         next_attempt=now + datetime.timedelta(seconds=r.interval_seconds))
+                 .where(ReplicationState.source == _key(r), ReplicationState.next_attempt <= now)
+                 .execute())
+    return taken == 1
+
+
+def _record(r: Replication, result, started: datetime.datetime, ended: datetime.datetime) -> None:
+    """How the run ended, and when the source is due again: after its interval when every
+    study came whole, else after the backoff."""
+    failed = result if isinstance(result, str) else (
+        f"{sum(not x.complete for x in result)} of {len(result)} studies incomplete: "
+        + "; ".join(e for x in result if not x.complete for e in x.errors[:1])[:500]
+        if any(not x.complete for x in result) else "")
+    row = ReplicationState.get(ReplicationState.source == _key(r))
+    failures = row.failures + 1 if failed else 0
+    wait = min(r.interval_seconds, BACKOFF_SECONDS * 2 ** (failures - 1)) if failed else r.interval_seconds
+    with write_transaction():
+        (ReplicationState.update(last_ended=ended, failures=failures, last_error=failed,
+                                 next_attempt=started + datetime.timedelta(seconds=wait),
+                                 **({} if failed else {"last_ok": ended}))
+         .where(ReplicationState.source == _key(r)).execute())
+
+
+def states(config) -> list[dict]:
+    """What ``status`` shows of each configured replication source."""
+    rows = {s.source: s for s in ReplicationState.select()}
+    found = []
+    for r in getattr(config, "replication", ()):
+        s = rows.get(_key(r))
+        found.append({"source": _shown(r.source), "to": r.to, "interval_seconds": r.interval_seconds,
+                      "state": "never run" if s is None or s.last_started is None else
+                      "running" if s.last_ended is None or s.last_ended < s.last_started else
+                      "failing" if s.failures else "ok",
+                      "node": s.node if s else None, "last_started": _iso(s and s.last_started),
+                      "last_ok": _iso(s and s.last_ok), "failures": s.failures if s else 0,
+                      "last_error": (s.last_error or None) if s else None,
+                      "next_attempt": _iso(s and s.next_attempt)})
+    return found
+
+
+def _key(r: Replication) -> str:
+    """Its row: the source (without credentials) and where its studies go."""
+    return f"{_shown(r.source)} to {r.to}"
+
+
+def _shown(url: str) -> str:
+    """A source URL without a user name or password in it."""
+    import httpx
+    return str(httpx.URL(url).copy_with(username=None, password=None))
+
+
+def _iso(t) -> str | None:
+    return None if not t else t.replace(tzinfo=datetime.timezone.utc).isoformat()
 
 
 def _run(config, r: Replication, stopping):

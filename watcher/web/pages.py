@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import browse, report
+from .. import browse, replication_config, report
 from ..studies import accounts, databases, rights
 from . import manage
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, check_csrf, connected, safe_next
@@ -84,9 +84,11 @@ def router(web) -> APIRouter:
             latest = report.history(limit=20) if manager else []
             ok, health = report.health(web.config)
             pending = report.pending_counts(report.pending(web.config)) if manager else {}
+            replications = replication_config.states(web.config) if manager else []
         return render(request, "dashboard.html", user=user, csrf=session.csrf, status=status,
                       latest=latest, pending={k: v for k, v in pending.items() if v},
-                      manager=manager, ok=ok, health=health, counted_at=report.iso(counted_at))
+                      manager=manager, ok=ok, health=health, counted_at=report.iso(counted_at),
+                      replications=replications)
 
     @pages.get("/databases", response_class=HTMLResponse)
     def database_list(request: Request):
