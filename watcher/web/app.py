@@ -18,7 +18,6 @@ from .. import browse, report
 from ..config import Config
 from ..errors import Refused
 from ..studies import rights
-from .. import upload
 from . import api, dicomweb, metrics, pages
 from .auth import Auth, BadCsrf, SignInNeeded, connected
 from .counts import Counts
@@ -61,7 +60,6 @@ def create_app(config: Config) -> FastAPI:
 
     app.include_router(api.router(web))
     app.include_router(dicomweb.router(web))
-    upload.clear_incoming(config)  # parts of uploads cut short by our last stop: never acknowledged
     app.include_router(pages.router(web))
     _errors(app)
     return app

@@ -11,7 +11,7 @@ import time
 
 import uvicorn
 
-from .. import ports
+from .. import ports, upload
 from ..config import Config
 from ..errors import ConfigError
 from .app import create_app
@@ -33,6 +33,7 @@ class WebServer:
     def start(self) -> "WebServer":
         h = self.config.http
         self._socket = self._given if self._given is not None else ports.listen("http", h.bind, h.port)
+        upload.clear_incoming(self.config)  # parts of uploads cut short by our last stop: never acknowledged
         app = create_app(self.config)
         self._counts = app.state.web.counts.start()
         self.server = uvicorn.Server(uvicorn.Config(
