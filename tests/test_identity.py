@@ -116,6 +116,7 @@ def test_file_replaced_while_being_imported_is_imported_in_its_turn(tmp_path, db
 
 REPAIRER = textwrap.dedent("""
     import os, sys
+    from pathlib import Path
     from watcher import config, models, verify
     cfg = config.load(sys.argv[1])
     models.connect(cfg.database.url)
@@ -124,6 +125,7 @@ REPAIRER = textwrap.dedent("""
         found = verify.verify(cfg.archive.dir, rehash=False)
         removed += len(verify.repair(cfg.archive.dir, found))
         repairs += 1
+        Path(sys.argv[3]).write_text(str(repairs))  # (rounds so far: the test paces its drops by them)
     print(repairs, removed)
 """)
 
@@ -131,32 +133,37 @@ REPAIRER = textwrap.dedent("""
 def test_verify_repair_in_a_loop_during_a_heavy_import_loses_nothing(tmp_path, db_url):
     """Files copied with their old mtime (cp -a, rsync -a) while an administrator runs
     ``verify --repair`` over and over: every original a row points at is still there."""
-    n = 1500
+    n, batches = 1500, 3
     cfg = write_config_file(tmp_path, db_url, watch={"rescan_seconds": 2})
     staging = tmp_path / "staging"
     old = time.time() - 7200
     for i in range(n):
-        path = write(staging / "s" / f"{i}.dcm", rows=4, columns=4)
+        path = write(staging / f"s{i % batches}" / f"{i}.dcm", rows=4, columns=4)
         os.utime(path, (old, old))
     proc = start_service(cfg)
-    done = tmp_path / "done-repairing"
+    done, rounds = tmp_path / "done-repairing", tmp_path / "repair-rounds"
+    counted = lambda: int(rounds.read_text() or 0) if rounds.exists() else 0  # noqa: E731
     try:
         models.connect(db_url)
         assert wait_for(lambda: heartbeat_seen(db_url), timeout=30)
-        repairer = subprocess.Popen([sys.executable, "-c", REPAIRER, str(cfg), str(done)],
+        repairer = subprocess.Popen([sys.executable, "-c", REPAIRER, str(cfg), str(done), str(rounds)],
                                     stdout=subprocess.PIPE, text=True)
-        os.rename(staging / "s", tmp_path / "drop" / "s")
+        assert wait_for(lambda: counted() >= 1, timeout=60)  # repairing already
+        for b in range(batches):  # each batch dropped in while the repairs go on, a round apart
+            before = counted()
+            os.rename(staging / f"s{b}", tmp_path / "drop" / f"s{b}")
+            assert wait_for(lambda: counted() > before, timeout=60)
         wait_for(lambda: Instance.select().count() == n, timeout=120)
         done.touch()
         repairs, _ = map(int, repairer.communicate(timeout=60)[0].split())
     finally:
         stop(proc)
-    assert repairs >= 3
+    assert repairs >= 1 + batches
     assert Instance.select().count() == n
     result = cli(cfg, "verify", "--json")
     found = json.loads(result.stdout)
     assert result.returncode == 0 and found["missing"] == [] and found["mismatched"] == [], found
-    assert not list((tmp_path / "drop" / "s").iterdir())
+    assert not any(list((tmp_path / "drop" / f"s{b}").iterdir()) for b in range(batches))
     models.database.close()
 
 
