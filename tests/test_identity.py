@@ -125,7 +125,8 @@ REPAIRER = textwrap.dedent("""
         found = verify.verify(cfg.archive.dir, rehash=False)
         removed += len(verify.repair(cfg.archive.dir, found))
         repairs += 1
-        Path(sys.argv[3]).write_text(str(repairs))  # (rounds so far: the test paces its drops by them)
+        if len(sys.argv) > 3:  # (rounds so far: a test may pace its drops by them)
+            Path(sys.argv[3]).write_text(str(repairs))
     print(repairs, removed)
 """)
 
