@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import os
 import socket
+import time
 import zlib
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _flock(path: Path, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _holder(fd)
             raise AlreadyRunning(f"{holder} already imports into this database "
                                  f"({path.with_suffix('')}); stop it first") from None
         os.ftruncate(fd, 0)
@@ -57,6 +58,17 @@ def _flock(path: Path, what: str):
         yield
     finally:
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the flock, as the holder wrote it; it writes just after taking the lock, so
+    a refusal that comes in between waits a moment for the name."""
+    for _ in range(40):
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.025)
+    return "another process"
 
 
 @contextlib.contextmanager
