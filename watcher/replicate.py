@@ -83,6 +83,11 @@ class StudyReport:
         return dataclasses.asdict(self) | {"complete": self.complete}
 
 
+def public_url(url: str) -> str:
+    """A URL without a user name or password in it."""
+    return str(httpx.URL(url).copy_with(username=None, password=None))
+
+
 def root_of(url: str) -> str:
     """The DICOMweb root with exactly one trailing slash."""
     url = url.strip()
@@ -109,7 +114,7 @@ class Source:
     @property
     def name(self) -> str:
         """The root as recorded (origin, history): without a user name or password in it."""
-        return str(httpx.URL(self.root).copy_with(username=None, password=None))
+        return public_url(self.root)
 
     def close(self) -> None:
         self.client.close()

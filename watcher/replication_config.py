@@ -23,6 +23,7 @@ import threading
 
 from .errors import ConfigError, Refused
 from .models import ReplicationState, utcnow, write_transaction
+from .report import iso
 from .studies.databases import check_name
 
 LOGGER = logging.getLogger(__name__)
@@ -151,10 +152,12 @@ def _take(r: Replication, node: str, now: datetime.datetime) -> bool:
 def _record(r: Replication, result, started: datetime.datetime, ended: datetime.datetime) -> None:
     """How the run ended, and when the source is due again: after its interval when every
     study came whole, else after the backoff."""
-    failed = result if isinstance(result, str) else (
-        f"{sum(not x.complete for x in result)} of {len(result)} studies incomplete: "
-        + "; ".join(e for x in result if not x.complete for e in x.errors[:1])[:500]
-        if any(not x.complete for x in result) else "")
+    if isinstance(result, str):
+        failed = result
+    else:
+        incomplete = [x for x in result if not x.complete]
+        failed = (f"{len(incomplete)} of {len(result)} studies incomplete: "
+                  + "; ".join(x.errors[0] for x in incomplete if x.errors)[:500]) if incomplete else ""
     row = ReplicationState.get(ReplicationState.source == _key(r))
     failures = row.failures + 1 if failed else 0
     wait = min(r.interval_seconds, BACKOFF_SECONDS * 2 ** (failures - 1)) if failed else r.interval_seconds
@@ -175,11 +178,15 @@ def states(config) -> list[dict]:
                       "state": "never run" if s is None or s.last_started is None else
                       "running" if s.last_ended is None or s.last_ended < s.last_started else
                       "failing" if s.failures else "ok",
-                      "node": s.node if s else None, "last_started": _iso(s and s.last_started),
-                      "last_ok": _iso(s and s.last_ok), "failures": s.failures if s else 0,
+                      "node": s.node if s else None, "last_started": _iso(s, "last_started"),
+                      "last_ok": _iso(s, "last_ok"), "failures": s.failures if s else 0,
                       "last_error": (s.last_error or None) if s else None,
-                      "next_attempt": _iso(s and s.next_attempt)})
+                      "next_attempt": _iso(s, "next_attempt")})
     return found
+
+
+def _iso(row, field: str) -> str | None:
+    return iso(getattr(row, field)) if row is not None else None
 
 
 def _key(r: Replication) -> str:
@@ -188,13 +195,8 @@ def _key(r: Replication) -> str:
 
 
 def _shown(url: str) -> str:
-    """A source URL without a user name or password in it."""
-    import httpx
-    return str(httpx.URL(url).copy_with(username=None, password=None))
-
-
-def _iso(t) -> str | None:
-    return None if not t else t.replace(tzinfo=datetime.timezone.utc).isoformat()
+    from .replicate import public_url  # (replicate imports config: not at the top)
+    return public_url(url)
 
 
 def _run(config, r: Replication, stopping):
