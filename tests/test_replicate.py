@@ -375,3 +375,24 @@ def test_replication_config_defaults():
     [r] = replication_config.parse([{"from": "https://h/dicom-web/trial-a", "since_days": 7}])
     assert (r.source, r.to, r.interval_seconds, r.token) == ("https://h/dicom-web/trial-a/", "import", 3600.0, None)
     assert r.since_now(datetime.date(2026, 3, 8)) == "20260301"
+
+
+def test_verify_repair_in_a_loop_during_a_replication_loses_nothing(site, orthanc, tmp_path):
+    """An administrator runs ``verify --repair`` over and over while a replication stores
+    series in batches: every original a row points at is still there, byte for byte."""
+    from test_identity import REPAIRER
+    study, files = a_study(tmp_path / "src", 120, series=3)
+    sent = orthanc.upload(files)
+    done, rounds = tmp_path / "done-repairing", tmp_path / "repair-rounds"
+    repairer = subprocess.Popen([sys.executable, "-c", REPAIRER, str(site.config_path), str(done),
+                                 str(rounds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: rounds.exists(), timeout=60)  # repairing already
+        [report] = site.replicate("--from", orthanc.root, "--study", study)
+    finally:
+        done.touch()
+        repairs, _ = map(int, repairer.communicate(timeout=60)[0].split())
+    assert repairs >= 2 and report["complete"] and report["stored"] == 120, (repairs, report)
+    for r in instances_of(study):
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    assert json.loads(site.cli("verify", "--json"))["missing"] == []
