@@ -14,11 +14,12 @@ database ``bench_web_<pid>`` dropped afterwards):
    a page deep in the list (``offset`` = the last full page), the dashboard ``/`` as a signed-in
    manager (session cookie) and QIDO-RS ``/dicom-web/import/studies?PatientID=…``: p50 and p99
    (nearest rank) over 200 requests. Targets: p99 < 100 ms for the API, < 200 ms for ``/``.
-4. The large original's disk read speed (1 MiB reads) and its WADO-RS retrieval streamed to
-   nothing, both after ``posix_fadvise(DONTNEED)`` took it out of the page cache ("cold"; the
-   resident bytes ``fincore`` saw just before are recorded), then both again warm. Target:
-   WADO-RS >= 80 % of the disk. The zip of its study likewise (cold). While each runs the
-   service's processes' VmRSS is polled every 10 ms: target < 100 MB (flat memory).
+4. The large original's disk read speed (1 MiB reads) and its WADO-RS retrieval (curl into
+   /dev/null), both after ``posix_fadvise(DONTNEED)`` took it out of the page cache ("cold"; the
+   resident bytes ``fincore`` saw just before are recorded), three rounds in turn, then both
+   warm. Target: WADO-RS >= 80 % of the disk read just before it, the median of the rounds. The
+   zip of its study likewise (cold). While each runs the service's processes' VmRSS is polled
+   every 10 ms: target < 100 MB (flat memory).
 
 Every row carries the 1-minute load average at its start and end (``load_1m``).
 """
@@ -55,6 +56,7 @@ LATENCY_TARGET_MS = {"api": 100, "page": 200}
 WADO_TARGET = 0.8  # of the disk's sequential read speed
 RSS_TARGET_MB = 100
 READ_CHUNK = 1 << 20
+COLD_ROUNDS = 3
 PASSWORD = "bench web password"
 MANAGER = "boss"
 
@@ -223,18 +225,21 @@ def read_speed(path: Path) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def download(client: httpx.Client, path: str, pid: int) -> tuple[int, float, RssPoller]:
-    """GET ``path`` streamed to nothing: -> bytes, seconds, the service's memory meanwhile."""
+def download(url: str, token: str, pid: int) -> tuple[int, float, RssPoller]:
+    """GET ``url`` with curl into /dev/null: -> bytes, seconds, the service's memory meanwhile.
+
+    curl, not httpx: httpx reads a body at about 300 MB/s on this machine, so it measured
+    itself, not the service (session 8: 283-369 MB/s with httpx against 940-1,460 with curl).
+    """
     with RssPoller(pid) as rss:
         started = time.perf_counter()
-        total = 0
-        with client.stream("GET", path) as answer:
-            if answer.status_code != 200:
-                raise RuntimeError(f"GET {path} answered {answer.status_code}: {answer.read()[:500]!r}")
-            for chunk in answer.iter_raw(READ_CHUNK):
-                total += len(chunk)
+        done = subprocess.run(["curl", "--silent", "--show-error", "--fail", "--output", "/dev/null",
+                               "--write-out", "%{size_download}", "--header", f"Authorization: Bearer {token}",
+                               url], capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - started
-    return total, seconds, rss
+    if done.returncode != 0:
+        raise RuntimeError(f"GET {url}: curl exited with {done.returncode}: {done.stderr[-500:]}")
+    return int(done.stdout), seconds, rss
 
 
 def latencies(client: httpx.Client, paths: list[str], check) -> list[float]:
@@ -392,35 +397,49 @@ def _latencies(site: Site, plan: catalog.Plan, db: str, total: int) -> list[dict
 
 
 def _transfers(site: Site, ds: pydicom.Dataset, original: Path, db: str, total: int) -> list[dict]:
+    """The disk read and WADO-RS, cold, ``COLD_ROUNDS`` times in turn (this disk's speed varies
+    from one read to the next: each WADO-RS is held against the read just before it, and the
+    target against the median of the rounds); then both warm, then the zip of the study cold."""
     rows = []
     pid = site.proc.pid
     study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-    wado = f"/dicom-web/import/studies/{study}/series/{series}/instances/{sop}"
-    archive = f"/api/databases/import/studies/{study}/archive"
+    wado = f"{site.url}/dicom-web/import/studies/{study}/series/{series}/instances/{sop}"
+    archive = f"{site.url}/api/databases/import/studies/{study}/archive"
     size = original.stat().st_size
-    with httpx.Client(base_url=site.url, headers=_bearer(site.token), timeout=600) as client:
-        for cache in ("cold", "warm"):
-            resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
-            load = _load()
-            read, seconds = read_speed(original)
-            disk = read / seconds / 1e6
-            rows.append(transfer_row(db, f"disk read 1 MiB ({cache})", total, load, read, seconds,
-                                     cache=cache, resident_before=resident))
-            resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
-            load = _load()
-            got, seconds, rss = download(client, wado, pid)
-            if got < size:
-                raise RuntimeError(f"WADO-RS sent {got} bytes for a {size}-byte original")
-            rows.append(transfer_row(db, f"WADO-RS instance ({cache})", total, load, got, seconds, rss=rss,
-                                     disk=disk, judged=cache == "cold", cache=cache,
-                                     resident_before=resident))
-        resident = drop_from_cache(original)
+
+    def disk_then_wado(cache: str, judged: bool) -> tuple[dict, dict]:
+        resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
         load = _load()
-        got, seconds, rss = download(client, archive, pid)
+        read, seconds = read_speed(original)
+        disk = transfer_row(db, f"disk read 1 MiB ({cache})", total, load, read, seconds,
+                                     cache=cache, resident_before=resident)
+        resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
+        load = _load()
+        got, seconds, rss = download(wado, site.token, pid)
         if got < size:
-            raise RuntimeError(f"the zip was {got} bytes for a {size}-byte original")
-        rows.append(transfer_row(db, "zip of the study (cold)", total, load, got, seconds, rss=rss,
-                                 cache="cold", resident_before=resident))
+            raise RuntimeError(f"WADO-RS sent {got} bytes for a {size}-byte original")
+        return disk, transfer_row(db, f"WADO-RS instance ({cache})", total, load, got, seconds, rss=rss,
+                                   disk=disk["mb_per_s"], judged=judged, cache=cache, resident_before=resident)
+
+    ratios = []
+    for _ in range(COLD_ROUNDS):
+        disk, got = disk_then_wado("cold", judged=False)
+        rows += [disk, got]
+        ratios.append(got["vs_disk"])
+    rss_met = all(r["met"] for r in rows if r.get("met") is not None)
+    median = statistics.median(ratios)
+    rows.append(_row(db, f"WADO-RS instance (cold), median of {COLD_ROUNDS} rounds", total, _load(),
+                     vs_disk=median, vs_disk_rounds=ratios,
+                     target=f">= {WADO_TARGET:.0%} of disk (median), RSS < {RSS_TARGET_MB} MB",
+                     met=median >= WADO_TARGET and rss_met))
+    rows += disk_then_wado("warm", judged=False)
+    resident = drop_from_cache(original)
+    load = _load()
+    got, seconds, rss = download(archive, site.token, pid)
+    if got < size:
+        raise RuntimeError(f"the zip was {got} bytes for a {size}-byte original")
+    rows.append(transfer_row(db, "zip of the study (cold)", total, load, got, seconds, rss=rss,
+                             cache="cold", resident_before=resident))
     return rows
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -305,6 +306,34 @@ def test_the_zip_is_made_while_sent_with_flat_memory_and_stops_at_a_damaged_orig
             sent.append(chunk)
     with pytest.raises(zipfile.BadZipFile):  # what was sent is no whole zip
         zipfile.ZipFile(io.BytesIO(b"".join(sent)))
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_large_original_hashed_beside_the_sending_still_stops_at_a_damaged_byte(tmp_path, where):
+    """An original of several chunks is hashed by a thread of its own, behind the chunks being
+    sent: a byte changed anywhere still ends the download with DamagedOriginal, after every
+    chunk was read; the whole one comes out byte for byte; a download closed early (the client
+    went away) leaves no hashing thread behind."""
+    import hashlib
+    from watcher.web.download import CHUNK, DamagedOriginal, read_original
+    data = bytes(range(256)) * (7 * CHUNK // 256) + b"tail"
+    (tmp_path / "a.dcm").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    assert b"".join(read_original(tmp_path, "a.dcm", sha)) == data
+
+    spoilt = bytearray(data)
+    spoilt[{"first": 10, "middle": len(data) // 2, "last": len(data) - 1}[where]] ^= 0xFF
+    (tmp_path / "a.dcm").write_bytes(bytes(spoilt))
+    sent = []
+    with pytest.raises(DamagedOriginal):
+        for chunk in read_original(tmp_path, "a.dcm", sha):
+            sent.append(chunk)
+    assert b"".join(sent) == bytes(spoilt)  # refused only once every chunk was hashed
+
+    reading = read_original(tmp_path, "a.dcm", sha)
+    next(reading), next(reading)
+    reading.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("download-hash")]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
