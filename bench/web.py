@@ -16,8 +16,8 @@ database ``bench_web_<pid>`` dropped afterwards):
    (nearest rank) over 200 requests. Targets: p99 < 100 ms for the API, < 200 ms for ``/``.
 4. The large original's disk read speed (1 MiB reads) and its WADO-RS retrieval (curl into
    /dev/null), both after ``posix_fadvise(DONTNEED)`` took it out of the page cache ("cold"; the
-   resident bytes ``fincore`` saw just before are recorded), three rounds in turn, then both
-   warm. Target: WADO-RS >= 80 % of the disk read just before it, the median of the rounds. The
+   resident bytes ``fincore`` saw just before are recorded), five rounds in turn, then both
+   warm. Target: the median WADO-RS >= 80 % of the median disk read. The
    zip of its study likewise (cold). While each runs the service's processes' VmRSS is polled
    every 10 ms: target < 100 MB (flat memory).
 
@@ -56,7 +56,7 @@ LATENCY_TARGET_MS = {"api": 100, "page": 200}
 WADO_TARGET = 0.8  # of the disk's sequential read speed
 RSS_TARGET_MB = 100
 READ_CHUNK = 1 << 20
-COLD_ROUNDS = 3
+COLD_ROUNDS = 5
 PASSWORD = "bench web password"
 MANAGER = "boss"
 
@@ -397,9 +397,10 @@ def _latencies(site: Site, plan: catalog.Plan, db: str, total: int) -> list[dict
 
 
 def _transfers(site: Site, ds: pydicom.Dataset, original: Path, db: str, total: int) -> list[dict]:
-    """The disk read and WADO-RS, cold, ``COLD_ROUNDS`` times in turn (this disk's speed varies
-    from one read to the next: each WADO-RS is held against the read just before it, and the
-    target against the median of the rounds); then both warm, then the zip of the study cold."""
+    """The disk read and WADO-RS, cold, ``COLD_ROUNDS`` times in turn, then both warm, then the
+    zip of the study cold. This disk's cold read speed varies from one read to the next
+    (0.8-2.4 GB/s within a minute, session 8): each WADO-RS row is shown against the read just
+    before it, and the target is judged on the median WADO-RS against the median read."""
     rows = []
     pid = site.proc.pid
     study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
@@ -421,17 +422,19 @@ def _transfers(site: Site, ds: pydicom.Dataset, original: Path, db: str, total: 
         return disk, transfer_row(db, f"WADO-RS instance ({cache})", total, load, got, seconds, rss=rss,
                                    disk=disk["mb_per_s"], judged=judged, cache=cache, resident_before=resident)
 
-    ratios = []
+    disks, wados = [], []
     for _ in range(COLD_ROUNDS):
         disk, got = disk_then_wado("cold", judged=False)
         rows += [disk, got]
-        ratios.append(got["vs_disk"])
+        disks.append(disk["mb_per_s"])
+        wados.append(got["mb_per_s"])
     rss_met = all(r["met"] for r in rows if r.get("met") is not None)
-    median = statistics.median(ratios)
+    ratio = statistics.median(wados) / statistics.median(disks)
     rows.append(_row(db, f"WADO-RS instance (cold), median of {COLD_ROUNDS} rounds", total, _load(),
-                     vs_disk=median, vs_disk_rounds=ratios,
-                     target=f">= {WADO_TARGET:.0%} of disk (median), RSS < {RSS_TARGET_MB} MB",
-                     met=median >= WADO_TARGET and rss_met))
+                     mb_per_s=statistics.median(wados), disk_mb_per_s=statistics.median(disks),
+                     vs_disk=round(ratio, 3), disk_rounds=disks, wado_rounds=wados,
+                     target=f">= {WADO_TARGET:.0%} of disk (medians), RSS < {RSS_TARGET_MB} MB",
+                     met=ratio >= WADO_TARGET and rss_met))
     rows += disk_then_wado("warm", judged=False)
     resident = drop_from_cache(original)
     load = _load()

@@ -6,10 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 from conftest import write_config_file
 from dicomfiles import write
+from watcher import models
 from watcher.cli import cli
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_drop"
@@ -147,6 +149,29 @@ def test_verify_reports_a_damaged_original_and_fails(run):
     stored.chmod(0o644)
     stored.write_bytes(stored.read_bytes()[:-1] + b"X")
     assert "mismatched 1" in run("verify", code=1)
+
+
+def test_each_original_keeps_the_quick_checksum_of_its_bytes_and_verify_checks_it(run, db_url):
+    """A small file (read whole) and a large one (read in chunks) record the xxh3 that a
+    download checks; verify holds each file against it too: a row whose xxh3 does not match
+    its file is mismatched, even when the sha256 does."""
+    write(run.tmp / "drop" / "small.dcm")
+    write(run.tmp / "drop" / "large.dcm", rows=1536, columns=1536)  # 4.7 MB: past WHOLE_FILE_LIMIT
+    run("scan")
+    listed = json.loads(run("list", "--json"))
+    assert len(listed) == 2
+    models.connect(db_url)  # list rebinds the database read-only
+    for row in models.Instance.select():
+        stored = run.tmp / "archive" / row.stored_path
+        assert row.xxh3 == xxhash.xxh3_128(stored.read_bytes()).hexdigest(), row.source
+    assert "mismatched 0" in run("verify")
+
+    models.connect(db_url)
+    models.Instance.update(xxh3="0" * 32).where(models.Instance.source == "large.dcm").execute()
+    assert "mismatched 1" in run("verify", code=1)
+    models.connect(db_url)
+    models.Instance.update(xxh3=None).execute()  # rows from before xxh3: the sha256 alone
+    assert "mismatched 0" in run("verify")
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

@@ -7,14 +7,15 @@ import json
 import re
 import signal
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
 import httpx
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 from conftest import wait_for, write_config_file
@@ -293,8 +294,9 @@ def test_the_zip_is_made_while_sent_with_flat_memory_and_stops_at_a_damaged_orig
     small = b"DICM" * 100
     for name, data in (("a.dcm", big), ("b.dcm", small)):
         (tmp_path / name).write_bytes(data)
-    files = [("s/a.dcm", "a.dcm", hashlib.sha256(big).hexdigest(), len(big)),
-             ("s/b.dcm", "b.dcm", hashlib.sha256(small).hexdigest(), len(small))]
+    files = [("s/a.dcm", "a.dcm", hashlib.sha256(big).hexdigest(), len(big), None),
+             ("s/b.dcm", "b.dcm", hashlib.sha256(small).hexdigest(), len(small),
+              xxhash.xxh3_128(small).hexdigest())]
     chunks = list(zip_stream(tmp_path, files))
     assert max(map(len, chunks)) <= CHUNK + 1024  # never the whole file, let alone the zip
     with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as z:
@@ -308,29 +310,32 @@ def test_the_zip_is_made_while_sent_with_flat_memory_and_stops_at_a_damaged_orig
         zipfile.ZipFile(io.BytesIO(b"".join(sent)))
 
 
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256 only (a row from before xxh3)"])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_a_large_original_hashed_beside_the_sending_still_stops_at_a_damaged_byte(tmp_path, where):
-    """An original of several chunks is hashed by a thread of its own, behind the chunks being
-    sent: a byte changed anywhere still ends the download with DamagedOriginal, after every
-    chunk was read; the whole one comes out byte for byte; a download closed early (the client
-    went away) leaves no hashing thread behind."""
+def test_a_large_original_still_stops_at_a_damaged_byte(tmp_path, where, checksum):
+    """An original of several chunks is checked as it is sent: against its xxh3, or for a row
+    without one, against its sha256 by a thread of its own behind the chunks being sent. A
+    byte changed anywhere still ends the download with DamagedOriginal, after every chunk was
+    read; the whole one comes out byte for byte; a download closed early (the client went
+    away) leaves no hashing thread behind."""
     import hashlib
     from watcher.web.download import CHUNK, DamagedOriginal, read_original
     data = bytes(range(256)) * (7 * CHUNK // 256) + b"tail"
     (tmp_path / "a.dcm").write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    assert b"".join(read_original(tmp_path, "a.dcm", sha)) == data
+    quick = xxhash.xxh3_128(data).hexdigest() if checksum == "xxh3" else None
+    assert b"".join(read_original(tmp_path, "a.dcm", sha, quick)) == data
 
     spoilt = bytearray(data)
     spoilt[{"first": 10, "middle": len(data) // 2, "last": len(data) - 1}[where]] ^= 0xFF
     (tmp_path / "a.dcm").write_bytes(bytes(spoilt))
     sent = []
     with pytest.raises(DamagedOriginal):
-        for chunk in read_original(tmp_path, "a.dcm", sha):
+        for chunk in read_original(tmp_path, "a.dcm", sha, quick):
             sent.append(chunk)
     assert b"".join(sent) == bytes(spoilt)  # refused only once every chunk was hashed
 
-    reading = read_original(tmp_path, "a.dcm", sha)
+    reading = read_original(tmp_path, "a.dcm", sha, quick)
     next(reading), next(reading)
     reading.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("download-hash")]

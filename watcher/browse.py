@@ -168,15 +168,16 @@ def instances(database_id: int, study_uid: str, series_uid: str | None = None) -
     return found
 
 
-def originals(database_id: int, study_uid: str) -> list[tuple[str, str, str, int]]:
+def originals(database_id: int, study_uid: str) -> list[tuple[str, str, str, int, str | None]]:
     """What a download of the study hands out: (name in the download
-    ``<series>/<sop>.dcm``, path relative to archive.dir, sha256, size)."""
+    ``<series>/<sop>.dcm``, path relative to archive.dir, sha256, size, xxh3)."""
     s = _get_study(database_id, study_uid)
     query = (Instance.select(Series.series_instance_uid, Instance.sop_instance_uid,
-                             Instance.stored_path, Instance.sha256, Instance.size)
+                             Instance.stored_path, Instance.sha256, Instance.size, Instance.xxh3)
              .join(Series).where(Series.study == s.id, Instance.database_id == database_id)
              .order_by(Series.series_instance_uid, Instance.sop_instance_uid).tuples())
-    return [(f"{series}/{sop}.dcm", stored, sha, size) for series, sop, stored, sha, size in query]
+    return [(f"{series}/{sop}.dcm", stored, sha, size, xxh3)
+            for series, sop, stored, sha, size, xxh3 in query]
 
 
 def missing(kind: str, keys, database_id: int) -> list[str]:

@@ -207,10 +207,10 @@ def instances(database_id: int, params: dict, root: str, study_uid: str | None =
 
 
 def originals(database_id: int, study_uid: str, series_uid: str | None = None,
-              sop_uid: str | None = None) -> list[tuple[str, str, int, str]]:
-    """What a WADO-RS retrieval hands out: (path relative to archive.dir, sha256, size,
+              sop_uid: str | None = None) -> list[tuple[str, str, str | None, int, str]]:
+    """What a WADO-RS retrieval hands out: (path relative to archive.dir, sha256, xxh3, size,
     transfer syntax) of each original, in order; empty when nothing matches."""
-    query = (Instance.select(Instance.stored_path, Instance.sha256, Instance.size,
+    query = (Instance.select(Instance.stored_path, Instance.sha256, Instance.xxh3, Instance.size,
                              Instance.transfer_syntax_uid)
              .join(Series).join(Study)
              .where(Instance.database_id == database_id, Study.study_instance_uid == study_uid))

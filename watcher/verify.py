@@ -1,8 +1,13 @@
-"""Check the archive against the database: every row has its file with its hash, every file a row."""
+"""Check the archive against the database: every row has its file with its hash, every file a row.
+
+A row's file is checked against its sha256 and, where the row has one, its xxh3 (what a
+download checks): a file that matches the one and not the other is mismatched too."""
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from peewee import SQL
 
 from . import archive, catalog
 from .models import Disc, Instance
@@ -29,15 +34,15 @@ class Findings:
 def verify(archive_dir: Path, rehash: bool = True) -> Findings:
     found = Findings()
     referenced = set()
-    rows = (Instance.select(Instance.stored_path, Instance.sha256)  # originals, and kept DICOMDIRs
-            .union_all(Disc.select(Disc.stored_path, Disc.sha256)))
-    for stored_path, sha in rows.tuples().iterator():
+    rows = (Instance.select(Instance.stored_path, Instance.sha256, Instance.xxh3)  # originals,
+            .union_all(Disc.select(Disc.stored_path, Disc.sha256, SQL("NULL"))))  # and kept DICOMDIRs
+    for stored_path, sha, xxh3 in rows.tuples().iterator():
         referenced.add(stored_path)
         found.checked += 1
         path = archive_dir / stored_path
         if not path.exists():
             found.missing.append(stored_path)
-        elif rehash and archive.sha256_of(path) != sha:
+        elif rehash and _differs(archive.digests_of(path), sha, xxh3):
             found.mismatched.append(stored_path)
     for root, dirs, files in os.walk(archive_dir):
         rel_root = os.path.relpath(root, archive_dir)
@@ -51,6 +56,10 @@ def verify(archive_dir: Path, rehash: bool = True) -> Findings:
             elif rel not in referenced:
                 found.orphans.append(rel)
     return found
+
+
+def _differs(digests: tuple[str, str], sha256: str, xxh3: str | None) -> bool:
+    return digests[0] != sha256 or (xxh3 is not None and digests[1] != xxh3)
 
 
 def repair(archive_dir: Path, findings: Findings) -> list[str]:

@@ -82,7 +82,7 @@ def router(web) -> APIRouter:
                                     f"in {db!r}")
         _check_accept(request.headers.get("accept", ""), {syntax for *_, syntax in found})
         boundary = multipart.new_boundary()
-        parts = (read_original(archive_dir, stored, sha) for stored, sha, _, _ in found)
+        parts = (read_original(archive_dir, stored, sha, xxh3) for stored, sha, xxh3, _, _ in found)
         return StreamingResponse(multipart.body(parts, boundary), media_type=(
             f'multipart/related; type="{multipart.DICOM}"; boundary={boundary}'))
 

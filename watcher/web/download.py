@@ -3,8 +3,9 @@
 zipfile writes into a sink that the generator empties after every chunk; entries are stored
 (ZIP_STORED: DICOM is compressed or not as it came, and the bytes are the originals), sizes
 and CRCs follow each entry (a data descriptor), ZIP64 where an entry needs it. Each original is
-hashed as it is read: one that no longer matches its sha256 ends the download there, so the
-client gets a broken zip, never a wrong file in a whole one. WADO-RS hands out the same
+checked as it is read: one that no longer matches its checksum (xxh3; sha256 for rows from
+before it) ends the download there, so the client gets a broken zip, never a wrong file in a
+whole one. WADO-RS hands out the same
 checked bytes (``read_original``).
 """
 
@@ -15,6 +16,8 @@ import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .. import archive
 
 LOGGER = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -45,10 +48,13 @@ class DamagedOriginal(Exception):
     """An original is missing or its bytes no longer match its sha256: the download ends."""
 
 
-def read_original(archive_dir: Path, stored: str, sha256: str):
-    """An original's bytes, a chunk at a time, hashed as they are read: ``DamagedOriginal``
-    (after the last chunk, or at once when it cannot be read) if they no longer match."""
-    digest = hashlib.sha256()
+def read_original(archive_dir: Path, stored: str, sha256: str, xxh3: str | None = None):
+    """An original's bytes, a chunk at a time, checked as they are read: ``DamagedOriginal``
+    (after the last chunk, or at once when it cannot be read) if they no longer match.
+
+    Checked against ``xxh3`` (archive.quick_digest: costs the sending almost nothing), or for
+    rows from before it (NULL), against the sha256."""
+    digest, expected = (archive.quick_digest(), xxh3) if xxh3 else (hashlib.sha256(), sha256)
     try:
         src = open(archive_dir / stored, "rb")
     except OSError as exc:
@@ -56,10 +62,10 @@ def read_original(archive_dir: Path, stored: str, sha256: str):
                      stored, exc.strerror)
         raise DamagedOriginal(stored) from None
     with src:
-        size = os.fstat(src.fileno()).st_size
-        yield from _hashing(_read_ahead(src), digest, in_thread=size > CHUNK)
-    if digest.hexdigest() != sha256:
-        LOGGER.error("download stopped: the original %s no longer matches its sha256; "
+        slow = not xxh3 and os.fstat(src.fileno()).st_size > CHUNK
+        yield from _hashing(_read_ahead(src), digest, in_thread=slow)
+    if digest.hexdigest() != expected:
+        LOGGER.error("download stopped: the original %s no longer matches its checksum; "
                      "run verify", stored)
         raise DamagedOriginal(stored)
 
@@ -78,7 +84,7 @@ def _read_ahead(src):
 def _hashing(chunks, digest, in_thread: bool):
     """``chunks``, each fed to ``digest`` on the way. ``in_thread``: by a thread of its own, up
     to HASHING chunks behind the sending (hashlib lets go of the GIL while it hashes), so that
-    sending and hashing use a core each: sha256 alone runs at about this disk's read speed.
+    sending and a sha256 use a core each (sha256 alone runs at about this disk's read speed).
     Every chunk is hashed before the generator ends."""
     if not in_thread:
         for chunk in chunks:
@@ -98,16 +104,16 @@ def _hashing(chunks, digest, in_thread: bool):
 
 def zip_stream(archive_dir: Path, files):
     """Yield the zip of ``files``: (name in the zip, path relative to ``archive_dir``, sha256,
-    size), as browse.originals gives them."""
+    size, xxh3), as browse.originals gives them."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, stored, sha256, size in files:
+        for name, stored, sha256, size, xxh3 in files:
             info = zipfile.ZipInfo(name)
             info.compress_type = zipfile.ZIP_STORED
             info.file_size = size
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=size >= zipfile.ZIP64_LIMIT) as dst:
-                for chunk in read_original(archive_dir, stored, sha256):
+                for chunk in read_original(archive_dir, stored, sha256, xxh3):
                     dst.write(chunk)
                     yield sink.take()
             yield sink.take()
