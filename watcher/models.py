@@ -328,8 +328,13 @@ def connect(url: str, migrate: bool = True, readonly: bool = False):
         return db
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # cache_size: SQLite's page cache lives in this process (PostgreSQL's in its server), by
+        # default up to 2 MB per connection, and a thread that had one (a web request, the
+        # dashboard counts, a worker) keeps that much in its malloc arena after the close.
+        # 512 KiB: ~9 MB less RSS after the web benchmark's requests on 1,000,000 instances.
         db = db_url.connect(url, pragmas={"journal_mode": "wal", "synchronous": "full",
-                                          "foreign_keys": 1, "busy_timeout": 30000},
+                                          "foreign_keys": 1, "busy_timeout": 30000,
+                                          "cache_size": -512},
                             timeout=30)
     else:
         db = db_url.connect(url)
