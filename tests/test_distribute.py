@@ -123,6 +123,10 @@ def test_copy_keeps_the_study_in_both_and_export_hands_it_out_once(site, tmp_pat
     study = site.drop(3)
     site.cli("distribute", study, "--to", "trial-a", "--copy")
     assert len(rows(site, "import")) == 3 and len(rows(site, "trial-a")) == 3
+    quick = {}  # each copy keeps the checksum its downloads are checked against
+    for row in Instance.select(Instance.sop_instance_uid, Instance.xxh3):
+        quick.setdefault(row.sop_instance_uid, []).append(row.xxh3)
+    assert all(len(set(both)) == 1 and both[0] and len(both) == 2 for both in quick.values()), quick
     out = site.json("export", study, str(tmp_path / "out"), "--database", "all")
     assert out["copied"] == 3
     again = site.json("distribute", study, "--to", "trial-a")  # now move: the copies are there
