@@ -17,9 +17,9 @@ database ``bench_web_<pid>`` dropped afterwards):
 4. The large original's disk read speed (1 MiB reads) and its WADO-RS retrieval (curl into
    /dev/null), both after ``posix_fadvise(DONTNEED)`` took it out of the page cache ("cold"; the
    resident bytes ``fincore`` saw just before are recorded), five rounds in turn, then both
-   warm. Target: the median WADO-RS >= 80 % of the median disk read. The
-   zip of its study likewise (cold). While each runs the service's processes' VmRSS is polled
-   every 10 ms: target < 100 MB (flat memory).
+   warm. Target: the median WADO-RS >= 80 % of the median disk read. The zip of its study
+   likewise (cold). While each runs the service's processes' VmRSS is polled every 10 ms:
+   target < 100 MB (flat memory).
 
 Every row carries the 1-minute load average at its start and end (``load_1m``).
 """
@@ -408,23 +408,23 @@ def _transfers(site: Site, ds: pydicom.Dataset, original: Path, db: str, total: 
     archive = f"{site.url}/api/databases/import/studies/{study}/archive"
     size = original.stat().st_size
 
-    def disk_then_wado(cache: str, judged: bool) -> tuple[dict, dict]:
+    def disk_then_wado(cache: str) -> tuple[dict, dict]:
         resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
         load = _load()
         read, seconds = read_speed(original)
         disk = transfer_row(db, f"disk read 1 MiB ({cache})", total, load, read, seconds,
-                                     cache=cache, resident_before=resident)
+                            cache=cache, resident_before=resident)
         resident = drop_from_cache(original) if cache == "cold" else resident_bytes(original)
         load = _load()
         got, seconds, rss = download(wado, site.token, pid)
         if got < size:
             raise RuntimeError(f"WADO-RS sent {got} bytes for a {size}-byte original")
         return disk, transfer_row(db, f"WADO-RS instance ({cache})", total, load, got, seconds, rss=rss,
-                                   disk=disk["mb_per_s"], judged=judged, cache=cache, resident_before=resident)
+                                   disk=disk["mb_per_s"], judged=False, cache=cache, resident_before=resident)
 
     disks, wados = [], []
     for _ in range(COLD_ROUNDS):
-        disk, got = disk_then_wado("cold", judged=False)
+        disk, got = disk_then_wado("cold")
         rows += [disk, got]
         disks.append(disk["mb_per_s"])
         wados.append(got["mb_per_s"])
@@ -435,7 +435,7 @@ def _transfers(site: Site, ds: pydicom.Dataset, original: Path, db: str, total: 
                      vs_disk=round(ratio, 3), disk_rounds=disks, wado_rounds=wados,
                      target=f">= {WADO_TARGET:.0%} of disk (medians), RSS < {RSS_TARGET_MB} MB",
                      met=ratio >= WADO_TARGET and rss_met))
-    rows += disk_then_wado("warm", judged=False)
+    rows += disk_then_wado("warm")
     resident = drop_from_cache(original)
     load = _load()
     got, seconds, rss = download(archive, site.token, pid)

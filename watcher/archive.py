@@ -37,10 +37,10 @@ import hashlib
 import logging
 import os
 import socket
-
-import xxhash
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from .errors import Unavailable
 
@@ -62,7 +62,7 @@ class Stored:
     created: bool  # False when these bytes were already there
     folder: Path  # fsync this before a row points at the file
     captured: object = None  # shared: the source's dispose.Capture (removed after the commit)
-    xxh3: str = ""  # see quick_digest
+    xxh3: str | None = None  # see quick_digest
 
 
 def quick_digest():
@@ -112,7 +112,7 @@ def _store_copy(source, archive_dir: Path, day: datetime.date) -> Stored:
         final = archive_dir / rel
         if _is_stored(final):
             return Stored(rel, sha, source.size, False, final.parent, xxh3=quick)
-        tmp, _, _ = _write_temp(archive_dir, [source.whole])
+        tmp, _, _ = _write_temp(archive_dir, [source.whole], hashed=False)  # hashed just above
     else:
         tmp, sha, quick = _write_temp(archive_dir, source.chunks())
         rel = content_path(sha, day)
@@ -270,14 +270,17 @@ def _temp_name(archive_dir: Path) -> Path:
     return tmp_dir / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
 
 
-def _write_temp(archive_dir: Path, chunks):
+def _write_temp(archive_dir: Path, chunks, hashed: bool = True):
+    """A new temporary file of ``chunks``, its bytes durable: -> its path, and the sha256 and
+    xxh3 of what was written (None, None unless ``hashed``)."""
     tmp = _temp_name(archive_dir)
-    digest, quick = hashlib.sha256(), quick_digest()
+    digest, quick = (hashlib.sha256(), quick_digest()) if hashed else (None, None)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
         for chunk in chunks:
-            digest.update(chunk)
-            quick.update(chunk)
+            if hashed:
+                digest.update(chunk)
+                quick.update(chunk)
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
@@ -287,7 +290,7 @@ def _write_temp(archive_dir: Path, chunks):
         os.unlink(tmp)
         raise
     os.close(fd)
-    return tmp, digest.hexdigest(), quick.hexdigest()
+    return (tmp, digest.hexdigest(), quick.hexdigest()) if hashed else (tmp, None, None)
 
 
 _TMP_PREFIX = socket.gethostname().replace("/", "_") + "-"

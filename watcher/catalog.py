@@ -230,7 +230,7 @@ def _instance_row(r, series_id, now) -> dict:
                 sop_class_uid=r.info.sop_class_uid,
                 series=series_id, instance_number=_int(a.get("InstanceNumber")),
                 transfer_syntax_uid=r.info.transfer_syntax_uid, sha256=r.stored.sha256,
-                xxh3=r.stored.xxh3 or None,
+                xxh3=r.stored.xxh3,
                 size=r.stored.size, stored_path=r.stored.relpath, creator=r.creator,
                 source=to_text(r.source), node=r.node, imported_at=now,
                 **(r.origin.columns() if r.origin is not None else FOLDER_COLUMNS))

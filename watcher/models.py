@@ -105,7 +105,7 @@ class Instance(BaseModel):
     instance_number = IntegerField(null=True)
     transfer_syntax_uid = CharField(max_length=64, default="")
     sha256 = CharField(max_length=64, index=True)
-    xxh3 = CharField(max_length=32, null=True)  # what a download checks (archive.quick_digest); NULL: sha256
+    xxh3 = CharField(max_length=32, null=True)  # what a download checks; NULL: the sha256
     size = BigIntegerField()
     stored_path = TextField()  # relative to archive.dir
     creator = CharField(max_length=64)

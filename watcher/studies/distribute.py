@@ -26,9 +26,9 @@ from . import databases
 
 LOGGER = logging.getLogger(__name__)
 KINDS = ("study", "series", "patient")
-COPIED = ("sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid", "sha256", "xxh3",
-          "size", "stored_path", "creator", "source", "node", "imported_at", "origin", "calling_ae",
-          "called_ae", "remote_host")
+COPIED = ("sop_instance_uid", "sop_class_uid", "instance_number", "transfer_syntax_uid", "sha256",
+          "xxh3", "size", "stored_path", "creator", "source", "node", "imported_at", "origin",
+          "calling_ae", "called_ae", "remote_host")
 
 
 @dataclasses.dataclass

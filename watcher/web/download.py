@@ -5,8 +5,7 @@ zipfile writes into a sink that the generator empties after every chunk; entries
 and CRCs follow each entry (a data descriptor), ZIP64 where an entry needs it. Each original is
 checked as it is read: one that no longer matches its checksum (xxh3; sha256 for rows from
 before it) ends the download there, so the client gets a broken zip, never a wrong file in a
-whole one. WADO-RS hands out the same
-checked bytes (``read_original``).
+whole one. WADO-RS hands out the same checked bytes (``read_original``).
 """
 
 import hashlib
@@ -45,7 +44,7 @@ class _Sink:
 
 
 class DamagedOriginal(Exception):
-    """An original is missing or its bytes no longer match its sha256: the download ends."""
+    """An original is missing or its bytes no longer match its checksum: the download ends."""
 
 
 def read_original(archive_dir: Path, stored: str, sha256: str, xxh3: str | None = None):
