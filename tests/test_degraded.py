@@ -17,6 +17,18 @@ from watcher.service import Service
 MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
+def inotify_instances_of_this_user() -> int:
+    count = 0
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            if os.stat(os.path.dirname(os.path.dirname(fd))).st_uid == os.getuid() \
+                    and os.readlink(fd) == "anon_inode:inotify":
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
 def watches_of_this_user() -> int:
     """inotify watches held by processes of our uid: what the kernel counts against the limit."""
     count = 0
@@ -78,6 +90,35 @@ def test_watch_limit_is_reported_and_watches_come_back_when_it_is_raised(tmp_pat
         assert wait_for(lambda: Instance.select().count() == 1, timeout=15)
         service.heartbeat()
         assert report.status()["nodes"][0]["state"] == "running"
+    models.database.close()
+
+
+def test_inotify_instance_limit_is_reported_and_watching_starts_when_it_is_raised(tmp_path, caplog):
+    """No inotify instance to be had (fs.inotify.max_user_instances): the service starts
+    anyway, says why it cannot watch, finds files by the rescan, and watches once it can."""
+    limit = Path("/proc/sys/fs/inotify/max_user_instances")
+    if os.geteuid() != 0 or not os.access(limit, os.W_OK):
+        pytest.skip("needs root to lower fs.inotify.max_user_instances")
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/watcher.db", watch={"rescan_seconds": 120})
+    models.connect(cfg.database.url)
+    caplog.set_level(logging.INFO)
+    saved = limit.read_text()
+    limit.write_text(str(inotify_instances_of_this_user()))
+    try:
+        with Service(cfg) as service:
+            try:
+                assert wait_for(lambda: messages(caplog, logging.WARNING, "paused: cannot watch"), timeout=10)
+                warning = messages(caplog, logging.WARNING, "paused: cannot watch")
+                assert len(warning) == 1 and "max_user_instances" in warning[0], warning
+            finally:
+                limit.write_text(saved)
+            assert wait_for(lambda: messages(caplog, logging.INFO, "resumed after"), timeout=20)
+            write(cfg.watch.drop_dir / "IM1")  # an event, long before the 120 s rescan
+            assert wait_for(lambda: Instance.select().count() == 1, timeout=15)
+            service.heartbeat()
+            assert report.status()["nodes"][0]["state"] == "running"
+    finally:
+        limit.write_text(saved)
     models.database.close()
 
 

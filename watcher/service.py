@@ -324,15 +324,16 @@ class Service:
         observer = (PollingObserver(timeout=1) if self.config.watch.poll
                     else Observer(generate_full_events=True))
         handler = detect.Handler(self.notify, self.look_into)
-        observer.schedule(handler, str(self.config.watch.drop_dir),
-                          recursive=True, event_filter=detect.events(self.config.watch.poll))
         observer.daemon = True
         self._watch_failed = None
         detect.WATCH_FAILURES.add(self._watch_failure)
-        try:
+        try:  # the kernel's limits (watches, inotify instances) fail one or the other
+            observer.schedule(handler, str(self.config.watch.drop_dir),
+                              recursive=True, event_filter=detect.events(self.config.watch.poll))
             observer.start()
         except OSError as exc:
             self._watch_failed = (str(self.config.watch.drop_dir), exc)
+            observer.stop()  # and its inotify reader's thread, which watchdog 7.1.1 starts in schedule
             observer = None
         self._observer = observer
         _OverflowAlarm.add(self)
