@@ -181,6 +181,42 @@ def test_a_researcher_sees_only_what_was_granted_and_404_everywhere_else(site):
     assert anonymous.get("/api/databases").status_code == 401
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_web_app_on_postgresql_reuses_connections_and_replaces_those_the_server_dropped(site):
+    """A request takes a pooled connection instead of opening one; after the server dropped
+    them all (as a restart does), each request is still answered, none with a 503."""
+    import psycopg
+    boss = site.token("boss")
+    url = site.config.database.url
+
+    admin = psycopg.connect(url, autocommit=True)
+
+    def sessions_begun() -> int:  # counted at a session's end, or when its backend flushes
+        return admin.execute("SELECT sessions FROM pg_stat_database "
+                             "WHERE datname = current_database()").fetchone()[0]
+
+    def settled() -> int:
+        seen = [sessions_begun()]
+        assert wait_for(lambda: seen.append(sessions_begun()) or seen[-1] == seen[-2], 10, 1.0)
+        return seen[-1]
+
+    for _ in range(5):  # the pool fills up to what the service uses at once
+        assert site.get("/api/databases", boss).status_code == 200
+    before = settled()
+    for _ in range(30):
+        assert site.get("/api/databases", boss).status_code == 200
+        assert site.get("/api/databases/import/studies", boss).status_code == 200
+    assert settled() - before <= 5, "the web app opened a connection per request"
+    with admin:
+        dropped = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+    assert dropped >= 1
+    for _ in range(10):
+        assert site.get("/api/databases", boss).status_code == 200
+        assert site.get("/healthz").status_code == 200
+    assert "did not answer" not in site.log.read_text()
+
+
 def test_tokens_work_until_revoked_and_a_disabled_account_is_refused_at_once(site):
     token, other = site.token("rita"), site.token("rita")
     assert site.get("/api/databases", token).status_code == 200

@@ -20,6 +20,7 @@ from playhouse.migrations import Runner
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 database = DatabaseProxy()
+POOL_IDLE_SECONDS = 300  # PostgreSQL: a pooled connection idle this long is closed
 
 
 def utcnow() -> datetime.datetime:
@@ -296,6 +297,15 @@ def reset_connection() -> None:
         pass
 
 
+def disconnect() -> None:
+    """Close every connection of this process, the pool's idle ones too: before a fork, so
+    that no child shares a connection's socket with its parent."""
+    database.close()
+    close_all = getattr(database.obj, "close_all", None)
+    if close_all is not None:
+        close_all()
+
+
 def write_transaction():
     """A transaction that takes the write lock at once on SQLite.
 
@@ -337,7 +347,12 @@ def connect(url: str, migrate: bool = True, readonly: bool = False):
                                           "cache_size": -512},
                             timeout=30)
     else:
-        db = db_url.connect(url)
+        # A pool: a thread (a web request, the heartbeat) takes an open connection instead of
+        # opening its own, which cost a web request ~20 ms at p50. A connection is tested as it
+        # is taken (SELECT 1), so one the server dropped (a restart) is replaced, not handed
+        # out; one idle for POOL_IDLE_SECONDS is closed when the pool is next used.
+        db = db_url.connect(url.replace("psycopg3://", "psycopg3+pool://", 1),
+                            max_connections=None, stale_timeout=POOL_IDLE_SECONDS)
     database.initialize(db)
     if migrate:
         _migrate(db)

@@ -659,7 +659,7 @@ def run(config: Config, stop: threading.Event) -> None:
                 systemd.notify("WATCHDOG=1")
             systemd.notify("STOPPING=1")
         return
-    models.database.close()  # the children open their own connections
+    models.disconnect()  # the children open their own connections
     listener = Listeners.open(config)
     life, life_w = os.pipe()  # each child writes its shard number here every LIFE_SECONDS
     os.set_blocking(life, False)
