@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -333,6 +334,44 @@ def test_a_client_that_disconnects_is_not_logged_as_a_server_error(site, db):
         f.seek(before)
         written = f.read().decode(errors="replace")
     assert "Exception in ASGI application" not in written and "Traceback" not in written, written[-2000:]
+
+
+def test_a_client_that_stops_reading_a_retrieval_leaves_no_original_open(site, db):
+    """WADO-RS of a large original, the client gone after its first MiB: the service's reader
+    stops and closes the file (no descriptor of the service points at it any more)."""
+    [data] = new_study(site.made, 1, patient_id="WALKED-AWAY", rows=4096, columns=4096)  # 32 MiB
+    assert stow(site, "/dicom-web/trial-a/studies", [data], "wendy").status_code == 200
+    [row] = rows_of_patient("WALKED-AWAY")
+    original = str(site.config.archive.dir / row.stored_path)
+    study, series, sop = uids_of(data)
+
+    def holding() -> bool:
+        for fd in Path(f"/proc/{site.service.pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == original:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    before = site.log.stat().st_size
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", site.port), timeout=30)
+        s.sendall((f"GET /dicom-web/trial-a/studies/{study}/series/{series}/instances/{sop} HTTP/1.1\r\n"
+                   f"Host: x\r\nAuthorization: Bearer {site.tokens['rita']}\r\n\r\n").encode())
+        got = b""
+        while len(got) < 1 << 20:
+            got += s.recv(1 << 16)
+        assert got.startswith(b"HTTP/1.1 200")
+        assert holding(), "the original is not being read: the test proves nothing"
+        s.close()
+        assert wait_for(lambda: not holding(), timeout=15), "the original is still open"
+    assert site.get(f"/dicom-web/trial-a/studies/{study}/series/{series}/instances/{sop}",
+                    site.tokens["rita"]).status_code == 200  # and the next one is served whole
+    with site.log.open("rb") as f:
+        f.seek(before)
+        written = f.read().decode(errors="replace")
+    assert "Traceback" not in written, written[-2000:]
 
 
 def test_stalled_uploads_do_not_block_others_and_leave_nothing_when_dropped(site, db):

@@ -1,8 +1,8 @@
 """The web app and API, made from an explicit Config (no globals): ``create_app(config)``.
 
 Routes call the read modules (watcher/browse.py, report.py) and watcher/studies/; who may do
-what is asked of watcher/studies/rights.py alone. Each request opens its own database
-connection in the thread that runs it and closes it after (auth.connected).
+what is asked of watcher/studies/rights.py alone. Each request takes a database connection in
+the thread that runs it and gives it back after (auth.connected; pooled on PostgreSQL).
 """
 
 import logging

@@ -63,7 +63,8 @@ logging.getLogger("peewee").addFilter(_HideKey())
 
 
 def connected():
-    """This request's own database connection, opened and closed in the thread that runs it."""
+    """This request's database connection, taken and given back in the thread that runs it
+    (opened and closed on SQLite; from the pool and back on PostgreSQL, models.connect)."""
     return models.database.connection_context()
 
 

@@ -23,7 +23,7 @@ from .. import archive, multipart, qido, statuses, upload
 from ..errors import Refused
 from ..studies import rights
 from .auth import connected
-from .download import read_original
+from .download import read_original, sent_ahead
 
 LOGGER = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -83,7 +83,7 @@ def router(web) -> APIRouter:
         _check_accept(request.headers.get("accept", ""), {syntax for *_, syntax in found})
         boundary = multipart.new_boundary()
         parts = (read_original(archive_dir, stored, sha, xxh3) for stored, sha, xxh3, _, _ in found)
-        return StreamingResponse(multipart.body(parts, boundary), media_type=(
+        return StreamingResponse(sent_ahead(multipart.body(parts, boundary)), media_type=(
             f'multipart/related; type="{multipart.DICOM}"; boundary={boundary}'))
 
     @dw.get("/studies/{study}", summary="WADO-RS: a study's originals")

@@ -8,9 +8,11 @@ before it) ends the download there, so the client gets a broken zip, never a wro
 whole one. WADO-RS hands out the same checked bytes (``read_original``).
 """
 
+import asyncio
 import hashlib
 import logging
 import os
+import threading
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ LOGGER = logging.getLogger(__name__)
 CHUNK = 1 << 20
 AHEAD = 64 * CHUNK  # asked of the disk at a time, before it is needed
 HASHING = 4  # chunks sent before they are hashed, at most
+READ_AHEAD = 4  # chunks read (and checked) before they are sent, at most
 
 
 class _Sink:
@@ -101,6 +104,53 @@ def _hashing(chunks, digest, in_thread: bool):
             update.result()
 
 
+async def sent_ahead(chunks, depth: int = READ_AHEAD):
+    """``chunks``, a body that reads files (a blocking iterator), run by a thread of its own up
+    to ``depth`` chunks ahead of the sending: reading and checking the next chunk overlaps
+    sending this one, and no chunk waits its turn in the server's thread pool. What ``chunks``
+    raises is raised here, in order; when the sending ends early (the client went away), the
+    thread stops at its next chunk and closes ``chunks`` (and so its files)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    room = threading.Semaphore(depth)
+    stopped = threading.Event()
+
+    def hand_over(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (the server stopped)
+            stopped.set()
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                room.acquire()
+                if stopped.is_set():
+                    return
+                hand_over((chunk, None))
+            hand_over((None, None))
+        except BaseException as exc:
+            hand_over((None, exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=read, name="download-read", daemon=True).start()
+    try:
+        while True:
+            chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                return
+            yield chunk
+            room.release()
+    finally:
+        stopped.set()
+        room.release()  # (a reader waiting for room sees it has stopped)
+
+
 def zip_stream(archive_dir: Path, files):
     """Yield the zip of ``files``: (name in the zip, path relative to ``archive_dir``, sha256,
     size, xxh3), as browse.originals gives them."""
@@ -119,4 +169,4 @@ def zip_stream(archive_dir: Path, files):
     yield sink.take()
 
 
-__all__ = ["DamagedOriginal", "read_original", "zip_stream"]
+__all__ = ["DamagedOriginal", "read_original", "sent_ahead", "zip_stream"]
