@@ -24,7 +24,7 @@ LOGGER = logging.getLogger(__name__)
 CHUNK = 1 << 20
 AHEAD = 64 * CHUNK  # asked of the disk at a time, before it is needed
 HASHING = 4  # chunks sent before they are hashed, at most
-READ_AHEAD = 4  # chunks read (and checked) before they are sent, at most
+READ_AHEAD = 2  # chunks read (and checked) before they are sent, at most (4: no faster)
 
 
 class _Sink:
