@@ -20,7 +20,7 @@ from playhouse.migrations import Runner
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 database = DatabaseProxy()
-POOL_IDLE_SECONDS = 300  # PostgreSQL: a pooled connection idle this long is closed
+POOL_MAX_AGE_SECONDS = 300  # PostgreSQL: a pooled connection this old is closed, not reused
 
 
 def utcnow() -> datetime.datetime:
@@ -350,9 +350,10 @@ def connect(url: str, migrate: bool = True, readonly: bool = False):
         # A pool: a thread (a web request, the heartbeat) takes an open connection instead of
         # opening its own, which cost a web request ~20 ms at p50. A connection is tested as it
         # is taken (SELECT 1), so one the server dropped (a restart) is replaced, not handed
-        # out; one idle for POOL_IDLE_SECONDS is closed when the pool is next used.
+        # out; one older than POOL_MAX_AGE_SECONDS is closed when it is next taken or given
+        # back (so what a burst of requests opened does not stay open for long).
         db = db_url.connect(url.replace("psycopg3://", "psycopg3+pool://", 1),
-                            max_connections=None, stale_timeout=POOL_IDLE_SECONDS)
+                            max_connections=None, stale_timeout=POOL_MAX_AGE_SECONDS)
     database.initialize(db)
     if migrate:
         _migrate(db)
