@@ -321,19 +321,22 @@ class Service:
     def _start_observer(self) -> None:
         # Full events: a file renamed in from outside the drop folder is a move (done), not a
         # creation (maybe still being written), so it need not wait out settle_seconds.
-        observer = (PollingObserver(timeout=1) if self.config.watch.poll
-                    else Observer(generate_full_events=True))
         handler = detect.Handler(self.notify, self.look_into)
-        observer.daemon = True
         self._watch_failed = None
         detect.WATCH_FAILURES.add(self._watch_failure)
-        try:  # the kernel's limits (watches, inotify instances) fail one or the other
+        observer = None
+        try:  # the kernel's limits (inotify instances, watches) fail one step or another,
+            # as watchdog's version has it: making the observer, scheduling, starting
+            observer = (PollingObserver(timeout=1) if self.config.watch.poll
+                        else Observer(generate_full_events=True))
+            observer.daemon = True
             observer.schedule(handler, str(self.config.watch.drop_dir),
                               recursive=True, event_filter=detect.events(self.config.watch.poll))
             observer.start()
         except OSError as exc:
             self._watch_failed = (str(self.config.watch.drop_dir), exc)
-            observer.stop()  # and its inotify reader's thread, which watchdog 7.1.1 starts in schedule
+            if observer is not None:
+                observer.stop()  # and any inotify reader thread it started
             observer = None
         self._observer = observer
         _OverflowAlarm.add(self)
