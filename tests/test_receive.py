@@ -95,6 +95,26 @@ def test_compressed_data_stays_compressed_byte_for_byte(receiver):
     assert back.PixelData == ds.PixelData  # never decoded, never re-encoded
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_each_association_gives_its_database_connection_back(receiver):
+    """An association's thread ends with it: its connection must not stay open (or stay
+    counted in the pool) after it, or a busy receiver runs PostgreSQL out of connections."""
+    import psycopg
+    admin = psycopg.connect(receiver.config.database.url, autocommit=True)
+
+    def backends() -> int:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                             "current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+
+    assert send(receiver.port, [ct()]) == [0x0000]
+    before = backends()
+    for _ in range(30):
+        assert send(receiver.port, [ct()]) == [0x0000]
+    assert Instance.select().count() == 31
+    with admin:
+        assert backends() - before <= 2, f"{backends() - before} more connections open after 30 associations"
+
+
 def test_a_duplicate_is_success_and_a_conflict_is_kept_and_refused(receiver):
     first = ct()
     assert send(receiver.port, [first]) == [0x0000]

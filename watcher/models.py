@@ -297,6 +297,14 @@ def reset_connection() -> None:
         pass
 
 
+def give_back_connection() -> None:
+    """From a thread that will end without closing its connection (a DICOM association's):
+    give it back to the pool now, or it stays taken (open, and counted) for good. SQLite's is
+    the thread's own, closed with it: kept for the thread's next use."""
+    if hasattr(database.obj, "close_all"):  # (pooled)
+        database.close()
+
+
 def disconnect() -> None:
     """Close every connection of this process, the pool's idle ones too: before a fork, so
     that no child shares a connection's socket with its parent."""

@@ -28,7 +28,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import archive, ports, source, statuses
+from . import archive, models, ports, source, statuses
 from .config import Config
 from .errors import Busy, Unavailable
 from .origin import from_dicom
@@ -230,6 +230,8 @@ class Receiver:
                 return _status(OUT_OF_RESOURCES, "archive or database unavailable; send again later")
             LOGGER.exception("C-STORE from %s failed", origin.describe())
             return _status(OUT_OF_RESOURCES, f"{type(exc).__name__}: not stored; send again")
+        finally:
+            models.give_back_connection()  # (the association's thread ends with it)
         status = statuses.of(outcome)
         if status == SUCCESS:
             return SUCCESS
