@@ -16,6 +16,7 @@ from peewee import (AutoField, BigIntegerField, BooleanField, CharField, Databas
                     SqliteDatabase, TextField)
 from playhouse import db_url
 from playhouse.migrations import Runner
+from playhouse.pool import PooledDatabase
 
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -301,7 +302,7 @@ def give_back_connection() -> None:
     """From a thread that will end without closing its connection (a DICOM association's):
     give it back to the pool now, or it stays taken (open, and counted) for good. SQLite's is
     the thread's own, closed with it: kept for the thread's next use."""
-    if hasattr(database.obj, "close_all"):  # (pooled)
+    if isinstance(database.obj, PooledDatabase):
         database.close()
 
 
@@ -309,9 +310,8 @@ def disconnect() -> None:
     """Close every connection of this process, the pool's idle ones too: before a fork, so
     that no child shares a connection's socket with its parent."""
     database.close()
-    close_all = getattr(database.obj, "close_all", None)
-    if close_all is not None:
-        close_all()
+    if isinstance(database.obj, PooledDatabase):
+        database.obj.close_all()
 
 
 def write_transaction():

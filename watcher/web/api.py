@@ -82,7 +82,8 @@ def router(web) -> APIRouter:
             row = rights.require(web.auth.api_user(request), "download", db)
             files = browse.originals(row.id, uid)
         name = "".join(c for c in uid if c.isdigit() or c == ".") or "study"
-        return StreamingResponse(sent_ahead(zip_stream(web.config.archive.dir, files)), media_type="application/zip",
+        return StreamingResponse(sent_ahead(zip_stream(web.config.archive.dir, files)),
+                                 media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
 
     @api.post("/distribute")
