@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 from conftest import wait_for, write_config_file
@@ -152,6 +153,9 @@ def test_replicated_originals_are_byte_identical_with_origin_and_history(site, o
     assert {r.sop_instance_uid for r in rows} == set(sent)
     for r in rows:
         assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+        assert r.sha256 == hashlib.sha256(sent[r.sop_instance_uid]).hexdigest()  # (hashed as fetched)
+        assert r.stored_path.endswith(f"/{r.sha256}.dcm")
+        assert r.xxh3 == xxhash.xxh3_128(sent[r.sop_instance_uid]).hexdigest()
         assert (r.origin, r.creator, r.remote_host) == ("replication", getpass.getuser(), orthanc.root)
         assert r.database_id == models.IMPORT_ID
     [event] = Event.select().where(Event.outcome == "replicated")

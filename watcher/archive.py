@@ -86,16 +86,19 @@ def content_path(sha256: str, day: datetime.date) -> str:
     return f"{day:%Y/%m/%d}/{sha256}.dcm"
 
 
-def store_original(source, archive_dir: Path, day: datetime.date | None = None, capture=None) -> Stored:
+def store_original(source, archive_dir: Path, day: datetime.date | None = None, capture=None,
+                   known: tuple[str, str] | None = None) -> Stored:
     """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced.
 
     ``capture()``: takes the source out of sight (watcher/dispose.py); given, the
     source's own inode is shared when it can be, else its bytes are copied.
+    ``known``: the (sha256, xxh3) of a file that is ours alone, hashed as we wrote it (a
+    fetched original): shared, it is not read and hashed again.
     """
     day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
         if capture is not None and _can_share(source, archive_dir):
-            stored = _store_shared(source, archive_dir, day, capture)
+            stored = _store_shared(source, archive_dir, day, capture, known)
             if stored is not None:
                 return stored
         return _store_copy(source, archive_dir, day)
@@ -134,8 +137,9 @@ def _can_share(source, archive_dir: Path) -> bool:
         return False
 
 
-def _store_shared(source, archive_dir: Path, day: datetime.date, capture) -> Stored | None:
-    sha, quick = digests(source.chunks())
+def _store_shared(source, archive_dir: Path, day: datetime.date, capture,
+                  known: tuple[str, str] | None = None) -> Stored | None:
+    sha, quick = known or digests(source.chunks())
     rel = content_path(sha, day)
     final = archive_dir / rel
     if _is_stored(final):

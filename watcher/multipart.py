@@ -14,6 +14,7 @@ from pathlib import Path
 
 from python_multipart.multipart import MultipartParser
 
+from .archive import quick_digest
 from .errors import Refused
 
 DICOM = "application/dicom"
@@ -61,11 +62,17 @@ class Part:
         self.headers: dict[str, str] = {}
         self.size = 0
         self.digest = hashlib.sha256() if hashed else None
+        self.quick = quick_digest() if hashed else None
 
     @property
     def sha256(self) -> str | None:
         """The sha256 of the bytes written (``hashed`` parts only), hashed as they came."""
         return self.digest.hexdigest() if self.digest is not None else None
+
+    @property
+    def xxh3(self) -> str | None:
+        """Their xxh3-128 (the archive's ``quick_digest``), likewise."""
+        return self.quick.hexdigest() if self.quick is not None else None
 
     @property
     def content_type(self) -> str:
@@ -80,14 +87,15 @@ class PartsToFiles:
     def __init__(self, folder: Path, boundary: str, prefix: str = "part", max_parts: int = 100_000,
                  max_bytes: int | None = None, hashed: bool = False, on_part=None):
         """``max_bytes``: the most the parts may hold together (``BadBody`` beyond: a sender
-        that never ends would fill the disk). ``hashed``: each part's sha256 is computed as its
-        bytes are written. ``on_part(part)``: called as each part ends, its file closed; from
+        that never ends would fill the disk). ``hashed``: each part's sha256 and xxh3 are
+        computed as its bytes are written. ``on_part(part)``: called as each part ends, its file closed; from
         then on the part's file is the callback's, and ``abandon()`` leaves it alone."""
         self.folder, self.prefix, self.max_parts, self.max_bytes = folder, prefix, max_parts, max_bytes
         self.hashed, self.on_part = hashed, on_part
         self.total = self.count = 0
         self.parts: list[Part] = []  # (those not handed to on_part)
         self._fd: int | None = None
+        self._held = bytearray()  # the part's bytes not written yet (less than CHUNK)
         self._field = self._value = b""
         self._ended = False
         self._parser = MultipartParser(boundary, {
@@ -107,6 +115,7 @@ class PartsToFiles:
 
     def close(self) -> list[Part]:
         if self._fd is not None:
+            self._held = bytearray()
             os.close(self._fd)
             self._fd = None
         if not self._ended:
@@ -116,6 +125,7 @@ class PartsToFiles:
     def abandon(self) -> None:
         """Remove every file written so far (a body that failed)."""
         if self._fd is not None:
+            self._held = bytearray()
             os.close(self._fd)
             self._fd = None
         for part in self.parts:
@@ -133,16 +143,27 @@ class PartsToFiles:
         self.total += end - start
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise BadBody(f"more than {self.max_bytes:,} bytes: refused before the disk fills")
-        view = memoryview(data)[start:end]
-        part = self.parts[-1]
+        self._held += memoryview(data)[start:end]
+        self.parts[-1].size += end - start
+        if len(self._held) >= CHUNK:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Hash and write what is held, at once: a syscall and a hash call a CHUNK rather
+        than one each a piece of the body as it came (64 KiB from the socket), which would
+        hand the GIL to and fro between threads many times an object."""
+        part, held = self.parts[-1], self._held
+        self._held = bytearray()
         if part.digest is not None:
-            part.digest.update(view)
+            part.digest.update(held)
+            part.quick.update(held)
+        view = memoryview(held)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        part.size += end - start
 
     def _end(self) -> None:
+        self._write_held()
         os.close(self._fd)
         self._fd = None
         if self.on_part is not None:

@@ -308,8 +308,9 @@ def ingest_objects(objects: list[dict], config: Config) -> list:
 
 def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                      sop_instance_uid: str = "", study_uid: str | None = None,
-                     refused: Rejected | None = None):
-    """The stages of ``ingest_object`` as a generator, as ``ingesting`` is ``ingest``'s."""
+                     refused: Rejected | None = None, digests: tuple[str, str] | None = None):
+    """The stages of ``ingest_object`` as a generator, as ``ingesting`` is ``ingest``'s.
+    ``digests``: the object's (sha256, xxh3), computed as its bytes were written."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
     with Source(path.parent, path.name, lease=False, private=True) as source:
@@ -326,7 +327,8 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
                 raise Rejected("meta-mismatch", (
                     f"the dataset belongs to study {info.study_instance_uid}, but it was sent to "
                     f"study {study_uid}"))
-            stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED)
+            stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED,
+                                            known=digests)
             # A failed commit raises from the yield and leaves the original for ``verify
             # --repair``: another intake may be storing the same bytes under the same name
             # right now, its row not committed yet.

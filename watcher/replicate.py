@@ -173,7 +173,7 @@ class Source:
                     if part.content_type != "application/dicom":
                         part.path.unlink(missing_ok=True)
                         raise SourceError(f"GET {url}: a part of type {part.content_type}")
-                    got = Fetched(part.path, part.sha256, fetch.sop, part.size)
+                    got = Fetched(part.path, part.sha256, fetch.sop, part.size, part.xxh3)
                     if fetch.sop:
                         held.append(got)
                     else:
@@ -256,6 +256,7 @@ class Fetched:
     sha256: str
     sop: str
     size: int
+    xxh3: str
 
 
 def room_for(folder: Path, fetch: Fetch) -> int:
@@ -437,7 +438,8 @@ class Replication:
         origin = from_replication(self.actor, self.source.name)
         try:
             outcomes = ingest_objects([dict(path=fetched.path, origin=origin, sop_instance_uid=sop,
-                                            study_uid=study) for _, fetched, sop in taken],
+                                            study_uid=study, digests=(fetched.sha256, fetched.xxh3))
+                                       for _, fetched, sop in taken],
                                       self.config) if taken else []
         finally:
             for _, fetched, _ in taken:  # (the archive has their inodes, or rejected_dir copies)
