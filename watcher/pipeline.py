@@ -313,7 +313,8 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
     ``digests``: the object's (sha256, xxh3), computed as its bytes were written."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
-    with Source(path.parent, path.name, lease=False, private=True) as source:
+    with Source(path.parent, path.name, lease=False, private=True,
+                read_whole=digests is None) as source:
         try:
             if refused is not None:
                 raise refused

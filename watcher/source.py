@@ -73,10 +73,12 @@ LEASE_BREAK_SIGNAL = signal.SIGURG
 class Source:
     """An open regular file from the drop folder. Use as a context manager."""
 
-    def __init__(self, root, rel: str, lease: bool = True, private: bool = False):
+    def __init__(self, root, rel: str, lease: bool = True, private: bool = False,
+                 read_whole: bool = True):
         """``private``: a file only we can reach, whose writer has finished (the receiver's
         incoming object): as good as leased, without asking the kernel for a lease (its
-        writer still holds it open)."""
+        writer still holds it open). ``read_whole``: a small file is read whole at once (it
+        will be hashed); False: only what is asked for (its digests are known)."""
         self.root, self.rel, self.private = root, rel, private
         *folders, self.name = beneath.parts(rel)
         # The folder is reached once, and every later step (the checks, the capture, the
@@ -102,7 +104,7 @@ class Source:
         self.mode = st.st_mode
         self.device = st.st_dev
         self.whole: bytes | None = None
-        if self.size <= WHOLE_FILE_LIMIT:
+        if read_whole and self.size <= WHOLE_FILE_LIMIT:
             self.whole = self._pread(self.size, 0)
             self._block, self._block_start = self.whole, 0
         else:
