@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from click.testing import CliRunner
 
 from conftest import wait_for, write_config_file
 from dicomfiles import ct, write
-from watcher import models, replication_config
+from watcher import models, replication_config, timings
 from watcher.cli import cli
 from watcher.cli_replicate import replicate
 from watcher.config import load
@@ -131,6 +132,18 @@ def site(tmp_path, db_url):
     return Site
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def a_study(folder: Path, n: int, series: int = 1, **attributes) -> tuple[str, list[Path]]:
     """``n`` instances of a new study in ``series`` series, written below ``folder``."""
     study = ct().StudyInstanceUID
@@ -186,9 +199,13 @@ def test_killed_replication_resumes_with_every_instance_exactly_once(site, ortha
                             cwd=Path(__file__).parent.parent)
     try:
         assert wait_for(lambda: len(instances_of(study)) >= 10 or proc.poll() is not None, timeout=30)
+        helpers = children_of(proc.pid)  # (its ingest process)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
+    # the ingest process commits the batch in hand, sees its caller gone, and ends
+    assert helpers and wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers),
+                                timeout=30), "a helper of the killed replication lives on"
     before = len(instances_of(study))
     assert proc.returncode == -signal.SIGKILL and before < 150, "finished before it was killed"
     [report] = site.replicate("--from", orthanc.root, "--study", study)
@@ -198,6 +215,39 @@ def test_killed_replication_resumes_with_every_instance_exactly_once(site, ortha
     for r in rows:
         assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
     assert not list((site.config.archive.dir / ".incoming").iterdir())  # the dead run's folder too
+
+
+def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes_it(
+        site, orthanc, tmp_path):
+    """The OOM killer (here: kill -9) takes the replication's ingest process mid-run: the
+    command says so and exits non-zero, nothing is half-stored, and running it again stores
+    every instance exactly once."""
+    study, files = a_study(tmp_path / "src", 150, series=3)
+    sent = orthanc.upload(files)
+    command = [sys.executable, "-m", "watcher", "replicate", "--config", str(site.config_path),
+               "--from", orthanc.root, "--study", study]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        assert wait_for(lambda: len(instances_of(study)) >= 10 or proc.poll() is not None, timeout=30)
+        [ingest] = [pid for pid in children_of(proc.pid)
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(ingest, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1 and "the ingest process ended" in err and "Traceback" not in err, err
+    before = len(instances_of(study))
+    assert before < 150, "finished before its ingest process was killed"
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
+    rows = instances_of(study)
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
+    for r in rows:
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    assert json.loads(site.cli("verify", "--json"))["missing"] == []
+    assert not list((site.config.archive.dir / ".incoming").iterdir())
 
 
 def test_unreachable_source_is_a_clear_error(site):
@@ -323,14 +373,50 @@ def test_scheduled_replication_runs_when_due(site, orthanc, tmp_path):
     config, _ = scheduled(site, {"from": orthanc.root, "studies": [study], "interval_seconds": 600,
                                  "creator": "nightly"})
     start = datetime.datetime(2026, 12, 3, 12, 0)
+    timed = sum(timings.IMPORTS.snapshot()["counts"])
     [reports] = replication_config.run_due(config, now=start).values()
     assert [(r.stored, r.complete) for r in reports] == [(2, True)]
+    assert sum(timings.IMPORTS.snapshot()["counts"]) == timed + 2  # (the service's /metrics)
     assert {r.creator for r in instances_of(study)} == {"nightly"}
     assert replication_config.run_due(config, now=start + datetime.timedelta(seconds=100)) == {}  # not due yet
     [again] = replication_config.run_due(config, now=start + datetime.timedelta(seconds=700)).values()
     assert [(r.stored, r.present) for r in again] == [(0, 2)]
     [state] = json.loads(site.cli("status", "--json"))["replications"]
     assert (state["state"], state["failures"], state["last_error"]) == ("ok", 0, None)
+
+
+def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(site, orthanc, tmp_path):
+    """``run`` with a [[replication]] table pulls a study nobody asked for; SIGTERM to all its
+    processes in the middle of it: the service exits 0 promptly, its ingest process with it, every row it committed
+    points at its original, and a replication by hand completes the study exactly once."""
+    study, files = a_study(tmp_path / "src", 300, series=2)
+    sent = orthanc.upload(files)
+    scheduled(site, {"from": orthanc.root, "studies": [study], "interval_seconds": 600})
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(site.config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(instances_of(study)) >= 20 or proc.poll() is not None, timeout=60)
+        importers = children_of(proc.pid)  # (with several processes: the service's importers)
+        helpers = [pid for pid in [*importers, *(c for i in importers for c in children_of(i))]
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.killpg(proc.pid, signal.SIGTERM)  # (as systemd stops a service: every process of it)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and time.monotonic() - started < 15, err[-3000:]
+    assert helpers and not any(Path(f"/proc/{pid}").exists() for pid in helpers)
+    assert re.search(r"replicate-ingest INFO watcher.pipeline: imported", err), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    before = instances_of(study)
+    assert 20 <= len(before) < 300, "finished before SIGTERM"
+    for r in before:
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["stored"], report["present"], report["failed"]) == (300 - len(before), len(before), 0)
+    assert sorted(r.sop_instance_uid for r in instances_of(study)) == sorted(sent)
 
 
 def test_a_failing_scheduled_replication_is_retried_with_backoff_and_shown(site):

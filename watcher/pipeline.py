@@ -424,11 +424,16 @@ def _timed(outcome: Outcome, started: float) -> Outcome:
     return dataclasses.replace(outcome, source=to_text(outcome.source), ms=round(ms, 1))
 
 
+def is_timed(o: Outcome) -> bool:
+    """An end of an import (not a file left for later), whose time ``IMPORTS`` counts."""
+    return o.outcome not in ("pending", "claimed", "retry")
+
+
 def _log(o: Outcome) -> None:
     if o.outcome in ("pending", "claimed"):
         LOGGER.debug("%s %s: %s", o.outcome, o.source, o.detail)
         return
-    if o.outcome == "retry":
+    if not is_timed(o):
         return
     timings.IMPORTS.observe(o.ms / 1000)
     level = logging.WARNING if o.outcome == "rejected" else logging.INFO

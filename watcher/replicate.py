@@ -35,10 +35,11 @@ import httpx
 
 from . import archive
 from .config import Config
+from .ingest_process import IngestProcess
 from .models import IMPORT, IMPORT_ID, Event, Instance, utcnow
 from .multipart import BadBody, PartsToFiles, boundary_of
 from .origin import from_replication
-from .pipeline import ingest_objects, is_unavailable
+from .pipeline import is_unavailable
 from .studies import databases
 from .studies.distribute import distribute
 
@@ -332,6 +333,12 @@ class Replication:
     folder: Path | None = None
     pool: ThreadPoolExecutor | None = None
     stopping: threading.Event | None = None
+    ingester: IngestProcess | None = None  # started when something is first to be ingested
+
+    def close(self) -> None:
+        if self.ingester is not None:
+            self.ingester.close()
+            self.ingester = None
 
     def study(self, study_uid: str) -> StudyReport:
         """Fetch and ingest what of one study is missing here; move it on ``to``; record it."""
@@ -436,11 +443,12 @@ class Replication:
                 continue
             taken.append((fetch, fetched, sop))
         origin = from_replication(self.actor, self.source.name)
+        if taken and self.ingester is None:
+            self.ingester = IngestProcess(self.config, "replicate-ingest")
         try:
-            outcomes = ingest_objects([dict(path=fetched.path, origin=origin, sop_instance_uid=sop,
-                                            study_uid=study, digests=(fetched.sha256, fetched.xxh3))
-                                       for _, fetched, sop in taken],
-                                      self.config) if taken else []
+            outcomes = self.ingester.ingest([dict(path=fetched.path, origin=origin, sop_instance_uid=sop,
+                                                  study_uid=study, digests=(fetched.sha256, fetched.xxh3))
+                                             for _, fetched, sop in taken]) if taken else []
         finally:
             for _, fetched, _ in taken:  # (the archive has their inodes, or rejected_dir copies)
                 fetched.path.unlink(missing_ok=True)
@@ -600,12 +608,15 @@ def replicate(config: Config, url: str, token: str | None = None, studies=(), si
         folder = incoming_folder(config)
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="replicate") as pool:
             run = Replication(config, source, to, actor or os_user(), folder, pool, stopping)
-            reports = []
-            for uid, wanted in uids:
-                if stopping is not None and stopping.is_set():
-                    break
-                reports.append(run.study(uid) if uid else _not_found(wanted))
-            return reports
+            try:
+                reports = []
+                for uid, wanted in uids:
+                    if stopping is not None and stopping.is_set():
+                        break
+                    reports.append(run.study(uid) if uid else _not_found(wanted))
+                return reports
+            finally:
+                run.close()
     finally:
         source.close()
         if folder is not None:
