@@ -385,15 +385,16 @@ def test_scheduled_replication_runs_when_due(site, orthanc, tmp_path):
     assert (state["state"], state["failures"], state["last_error"]) == ("ok", 0, None)
 
 
-def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(site, orthanc, tmp_path):
+def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
+        site, orthanc, tmp_path):
     """``run`` with a [[replication]] table pulls a study nobody asked for; SIGTERM to all its
     processes in the middle of it: the service exits 0 promptly, its ingest process with it, every row it committed
     points at its original, and a replication by hand completes the study exactly once."""
     study, files = a_study(tmp_path / "src", 300, series=2)
     sent = orthanc.upload(files)
     scheduled(site, {"from": orthanc.root, "studies": [study], "interval_seconds": 600})
-    proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", "--config", str(site.config_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    command = [sys.executable, "-m", "watcher", "run", "--config", str(site.config_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parent.parent, start_new_session=True)
     try:
         assert wait_for(lambda: len(instances_of(study)) >= 20 or proc.poll() is not None, timeout=60)
@@ -415,7 +416,8 @@ def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
     for r in before:
         assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
     [report] = site.replicate("--from", orthanc.root, "--study", study)
-    assert (report["stored"], report["present"], report["failed"]) == (300 - len(before), len(before), 0)
+    assert (report["stored"], report["present"], report["failed"]) == (
+        300 - len(before), len(before), 0)
     assert sorted(r.sop_instance_uid for r in instances_of(study)) == sorted(sent)
 
 

@@ -3,13 +3,15 @@
 The source is a DICOMweb root (an Orthanc's ``…/dicom-web/``, another dicom-watcher's
 ``…/dicom-web/<database>/``, a dcm4chee). QIDO-RS lists its studies and their instances;
 each instance not stored here yet is fetched with WADO-RS as stored there
-(``transfer-syntax=*``), streamed into a file on the archive's file system, and handed to the
-one ingest path (``pipeline.ingest_objects``) with a ``replication`` origin. A series of which
-nothing is here yet is fetched in one request (its parts are its instances); what such an
-answer lacks, and every instance of a series that is here in part, is fetched one request an
-instance. A few fetches run at once; at most ``AHEAD`` fetched objects wait on disk for the
-ingest (a fetch that is further ahead waits before it reads on), so memory and disk stay flat
-whatever the study's size. What has arrived is ingested together: one commit for all.
+(``transfer-syntax=*``), streamed into a file on the archive's file system (its sha256 and
+xxh3 computed as it is written, and not again), and handed to the one ingest path
+(``pipeline.ingest_objects``) with a ``replication`` origin. A series of which nothing is here
+yet is fetched in one request (its parts are its instances); what such an answer lacks, and
+every instance of a series that is here in part, is fetched one request an instance. A few
+fetches run at once; at most ``AHEAD`` fetched objects wait on disk for the ingest (a fetch
+that is further ahead waits before it reads on), so memory and disk stay flat whatever the
+study's size. What has arrived is ingested together, one commit for all, by a process of its
+own (``ingest_process``: the fetches' threads would otherwise hold up its every system call).
 
 Running it again (after a crash, a kill, a network cut) fetches only what is missing: an
 instance is "already present" when its SOP Instance UID is in the target database (or still
@@ -333,7 +335,12 @@ class Replication:
     folder: Path | None = None
     pool: ThreadPoolExecutor | None = None
     stopping: threading.Event | None = None
-    ingester: IngestProcess | None = None  # started when something is first to be ingested
+    ingester: IngestProcess | None = None  # started when something is first to be fetched
+
+    def _ingest_process(self) -> IngestProcess:
+        if self.ingester is None:
+            self.ingester = IngestProcess(self.config, "replicate-ingest")
+        return self.ingester
 
     def close(self) -> None:
         if self.ingester is not None:
@@ -383,6 +390,8 @@ class Replication:
         wanted = collections.defaultdict(list)
         for item in missing:
             wanted[item.series].append(item)
+        if missing:
+            self._ingest_process()  # (started now: its start-up overlaps the first fetches)
         fetcher = _Fetcher(self.source, self.folder, self.pool)
         for series, items in wanted.items():
             if len(items) == in_series[series] and len(items) > 1:
@@ -443,12 +452,10 @@ class Replication:
                 continue
             taken.append((fetch, fetched, sop))
         origin = from_replication(self.actor, self.source.name)
-        if taken and self.ingester is None:
-            self.ingester = IngestProcess(self.config, "replicate-ingest")
         try:
-            outcomes = self.ingester.ingest([dict(path=fetched.path, origin=origin, sop_instance_uid=sop,
-                                                  study_uid=study, digests=(fetched.sha256, fetched.xxh3))
-                                             for _, fetched, sop in taken]) if taken else []
+            objects = [dict(path=fetched.path, origin=origin, sop_instance_uid=sop, study_uid=study,
+                            digests=(fetched.sha256, fetched.xxh3)) for _, fetched, sop in taken]
+            outcomes = self._ingest_process().ingest(objects) if objects else []
         finally:
             for _, fetched, _ in taken:  # (the archive has their inodes, or rejected_dir copies)
                 fetched.path.unlink(missing_ok=True)
