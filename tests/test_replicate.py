@@ -388,8 +388,9 @@ def test_scheduled_replication_runs_when_due(site, orthanc, tmp_path):
 def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
         site, orthanc, tmp_path):
     """``run`` with a [[replication]] table pulls a study nobody asked for; SIGTERM to all its
-    processes in the middle of it: the service exits 0 promptly, its ingest process with it, every row it committed
-    points at its original, and a replication by hand completes the study exactly once."""
+    processes in the middle of it: the service exits 0 promptly, its ingest process with it,
+    every row it committed points at its original, and a replication by hand completes the
+    study exactly once."""
     study, files = a_study(tmp_path / "src", 300, series=2)
     sent = orthanc.upload(files)
     scheduled(site, {"from": orthanc.root, "studies": [study], "interval_seconds": 600})
