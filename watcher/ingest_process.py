@@ -75,7 +75,8 @@ class IngestProcess:
 def _serve(pipe, config: Config, level: int, name: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # (systemd and Ctrl-C signal every process:
         signal.signal(sig, signal.SIG_IGN)  # the caller stops, then ends this one's work)
-    logs.setup(verbose=max(0, (logging.INFO - level) // 10), quiet=max(0, (level - logging.INFO) // 10))
+    logs.setup(verbose=max(0, (logging.INFO - level) // 10),
+               quiet=max(0, (level - logging.INFO) // 10))
     logs.name_process(name)
     models.connect(config.database.url, migrate=False)
     try:
