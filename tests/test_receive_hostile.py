@@ -218,7 +218,7 @@ def test_a_sender_that_stalls_mid_object_is_dropped_and_others_are_served(tmp_pa
     association is dropped and the partial object removed; meanwhile another sender stores."""
     timeout = 6  # time enough for the other sender on a loaded machine
     service = Running(tmp_path, db_url, timeout_seconds=timeout)
-    ds = ct(rows=256, columns=256)  # 128 KB: several PDUs
+    ds = ct(rows=1024, columns=768)  # 1.5 MB: several PDUs (of receive.OFFERED_PDU_BYTES)
     path = write(tmp_path / "stalled.dcm", ds)
     ae = staller()
     assoc = ae.associate("127.0.0.1", service.port, ae_title="ARCHIVE")
