@@ -132,6 +132,19 @@ def site(tmp_path, db_url):
     return Site
 
 
+def resumes_exactly_once(site, orthanc, study: str, sent: dict, before: int) -> None:
+    """Run again after an interruption that left ``before`` instances of ``study``: the rest is
+    stored, nothing twice, every original byte for byte, the incoming folder empty (the dead
+    run's too)."""
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["stored"], report["present"], report["failed"]) == (len(sent) - before, before, 0)
+    rows = instances_of(study)
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
+    for r in rows:
+        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    assert not list((site.config.archive.dir / ".incoming").iterdir())
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -208,13 +221,7 @@ def test_killed_replication_resumes_with_every_instance_exactly_once(site, ortha
                                 timeout=30), "a helper of the killed replication lives on"
     before = len(instances_of(study))
     assert proc.returncode == -signal.SIGKILL and before < 150, "finished before it was killed"
-    [report] = site.replicate("--from", orthanc.root, "--study", study)
-    assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
-    rows = instances_of(study)
-    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
-    for r in rows:
-        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
-    assert not list((site.config.archive.dir / ".incoming").iterdir())  # the dead run's folder too
+    resumes_exactly_once(site, orthanc, study, sent, before)
 
 
 def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes_it(
@@ -240,14 +247,8 @@ def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes
     assert proc.returncode == 1 and "the ingest process ended" in err and "Traceback" not in err, err
     before = len(instances_of(study))
     assert before < 150, "finished before its ingest process was killed"
-    [report] = site.replicate("--from", orthanc.root, "--study", study)
-    assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
-    rows = instances_of(study)
-    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
-    for r in rows:
-        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
+    resumes_exactly_once(site, orthanc, study, sent, before)
     assert json.loads(site.cli("verify", "--json"))["missing"] == []
-    assert not list((site.config.archive.dir / ".incoming").iterdir())
 
 
 def test_unreachable_source_is_a_clear_error(site):
@@ -412,14 +413,9 @@ def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
     assert helpers and not any(Path(f"/proc/{pid}").exists() for pid in helpers)
     assert re.search(r"replicate-ingest INFO watcher.pipeline: imported", err), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    before = instances_of(study)
-    assert 20 <= len(before) < 300, "finished before SIGTERM"
-    for r in before:
-        assert (site.config.archive.dir / r.stored_path).read_bytes() == sent[r.sop_instance_uid]
-    [report] = site.replicate("--from", orthanc.root, "--study", study)
-    assert (report["stored"], report["present"], report["failed"]) == (
-        300 - len(before), len(before), 0)
-    assert sorted(r.sop_instance_uid for r in instances_of(study)) == sorted(sent)
+    before = len(instances_of(study))
+    assert 20 <= before < 300, "finished before SIGTERM"
+    resumes_exactly_once(site, orthanc, study, sent, before)
 
 
 def test_a_failing_scheduled_replication_is_retried_with_backoff_and_shown(site):
