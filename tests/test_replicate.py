@@ -238,7 +238,7 @@ def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes
     try:
         assert wait_for(lambda: len(instances_of(study)) >= 10 or proc.poll() is not None, timeout=30)
         [ingest] = [pid for pid in children_of(proc.pid)
-                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                    if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.kill(ingest, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -402,7 +402,7 @@ def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
         assert wait_for(lambda: len(instances_of(study)) >= 20 or proc.poll() is not None, timeout=60)
         importers = children_of(proc.pid)  # (with several processes: the service's importers)
         helpers = [pid for pid in [*importers, *(c for i in importers for c in children_of(i))]
-                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                   if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.killpg(proc.pid, signal.SIGTERM)  # (as systemd stops a service: every process of it)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)

@@ -6,19 +6,27 @@ link, fsync, rename, …), and after each it must win the GIL back from the thre
 receiving and hashing the next objects: measured on this project's 2-core machine, the same
 2,000 small objects took 0.8 ms each to ingest alone and ~2.4 ms each beside two fetching
 threads. Here the fetching stays in the caller's process and ``pipeline.ingest_objects``
-runs, unchanged, in a child started for the run (``spawn``: nothing of the caller's threads,
-locks or connections is inherited). What it gives back is what ``ingest_objects`` returns,
-and the caller counts each import's time (``timings.IMPORTS``) as if it had been its own.
+runs, unchanged, in a child started for the run (a new Python: nothing of the caller's
+threads, locks or connections is inherited), fed over a pipe. What it gives back is what
+``ingest_objects`` returns, and the caller counts each import's time (``timings.IMPORTS``) as
+if it had been its own.
 
 A child whose caller dies (``kill -9``) reads the end of its pipe and exits once the batch in
 hand is committed: what it committed is in the catalog, and a run again finds it present.
-SIGTERM and SIGINT (systemd and Ctrl-C signal every process) are left to the caller, which
-stops its run and then this process's.
+SIGTERM and SIGINT are left to the caller, which stops its run and then this process: the
+child has a session of its own (a Ctrl-C at the terminal does not reach it) and ignores both
+(systemd signals every process of a service).
 """
 
 import logging
 import multiprocessing
+import os
+import pickle
 import signal
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 from . import logs, models, timings
 from .config import Config
@@ -26,6 +34,7 @@ from .errors import Unavailable
 from .pipeline import Outcome, ingest_objects, is_timed, is_unavailable
 
 LOGGER = logging.getLogger(__name__)
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 STOP_SECONDS = 30.0  # for the batch in hand to be committed, when the run ends
 
 
@@ -34,13 +43,23 @@ class IngestProcess:
     (its start-up overlaps what the caller does next); ``close()`` ends it."""
 
     def __init__(self, config: Config, name: str = "ingest"):
-        context = multiprocessing.get_context("spawn")
-        self._pipe, theirs = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(theirs, config, logging.getLogger().getEffectiveLevel(), name),
-            name=f"dicom-watcher {name}", daemon=True)
-        self._process.start()
-        theirs.close()
+        self._pipe, theirs = multiprocessing.Pipe()
+        try:
+            # A session of its own: a Ctrl-C at the terminal goes to the caller alone, which
+            # stops its run and then this process (in its start-up, it would print a traceback).
+            self._process = subprocess.Popen(
+                [sys.executable, "-c",
+                 f"from watcher.ingest_process import main; main({theirs.fileno()})"],
+                # (the same package as ours, wherever it was imported from)
+                env=os.environ | {"PYTHONPATH": os.pathsep.join(
+                    p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)},
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        try:
+            self._pipe.send((config, logging.getLogger().getEffectiveLevel(), name))
+        except OSError:  # (it ended already: the first batch says how)
+            pass
 
     def ingest(self, objects: list[dict]) -> list:
         """In order, each object's Outcome or the exception that stopped it. ``Unavailable``
@@ -49,15 +68,18 @@ class IngestProcess:
             self._pipe.send(objects)
             outcomes = self._pipe.recv()
         except (EOFError, OSError):
-            self._process.join(1.0)
-            code = self._process.exitcode
-            how = (f"killed by signal {-code}" if code is not None and code < 0 else
-                   f"exit code {code}" if code is not None else "its pipe closed")
-            raise Unavailable(f"the ingest process ended ({how})") from None
+            raise Unavailable(f"the ingest process ended ({self._ended()})") from None
         for outcome in outcomes:  # (this process's heartbeat reports the import times)
             if isinstance(outcome, Outcome) and is_timed(outcome):
                 timings.IMPORTS.observe(outcome.ms / 1000)
         return outcomes
+
+    def _ended(self) -> str:
+        try:
+            code = self._process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return "its pipe closed"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def close(self) -> None:
         try:
@@ -65,16 +87,23 @@ class IngestProcess:
         except OSError:
             pass
         self._pipe.close()
-        self._process.join(STOP_SECONDS)
-        if self._process.is_alive():
+        try:
+            self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
             LOGGER.error("the ingest process did not end in %.0f s: killed", STOP_SECONDS)
             self._process.kill()
-            self._process.join()
+            self._process.wait()
 
 
-def _serve(pipe, config: Config, level: int, name: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # (systemd and Ctrl-C signal every process:
-        signal.signal(sig, signal.SIG_IGN)  # the caller stops, then ends this one's work)
+def main(fd: int) -> None:
+    """The child: ``python -c "…main(fd)"``, ``fd`` its end of the pipe."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # (systemd signals every process of the
+        signal.signal(sig, signal.SIG_IGN)  # service: the caller stops, then ends this one)
+    pipe = Connection(fd)
+    try:
+        config, level, name = pipe.recv()
+    except (EOFError, OSError, pickle.UnpicklingError):
+        return
     logs.setup(verbose=max(0, (logging.INFO - level) // 10),
                quiet=max(0, (level - logging.INFO) // 10))
     logs.name_process(name)
@@ -83,7 +112,7 @@ def _serve(pipe, config: Config, level: int, name: str) -> None:
         while True:
             try:
                 objects = pipe.recv()
-            except EOFError:  # the caller is gone
+            except (EOFError, OSError):  # the caller is gone
                 return
             if objects is None:
                 return

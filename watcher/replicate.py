@@ -21,6 +21,7 @@ not stored, and counted as failed.
 """
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import getpass
@@ -29,6 +30,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,6 +115,8 @@ class Source:
         self.root = root_of(url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(headers=headers, timeout=TIMEOUT, follow_redirects=True)
+        self._reading: set = set()  # the sockets of the answers being read now
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -121,6 +125,29 @@ class Source:
 
     def close(self) -> None:
         self.client.close()
+
+    def abort(self) -> None:
+        """End every answer being read now (its read fails at once): a source that stalls, or
+        trickles a byte at a time, does not hold up a run that is stopping."""
+        with self._lock:
+            for sock in self._reading:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def _abortable(self, answer: httpx.Response):
+        stream = answer.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is None:
+            yield
+            return
+        with self._lock:
+            self._reading.add(sock)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading.discard(sock)
 
     def studies(self, since: str = "") -> list[str]:
         """The Study Instance UIDs the source holds (with a study date from ``since`` on)."""
@@ -168,7 +195,8 @@ class Source:
         url = self.root + fetch.path
         held = []  # (the one instance asked for)
         try:
-            with self.client.stream("GET", url, headers={"Accept": ACCEPT}) as answer:
+            with self.client.stream("GET", url, headers={"Accept": ACCEPT}) as answer, \
+                    self._abortable(answer):
                 if answer.status_code != 200:
                     raise SourceError(f"GET {url}: HTTP {answer.status_code}")
 
@@ -403,7 +431,7 @@ class Replication:
         try:
             while fetcher.running:
                 arrived, ended = [], []
-                for fetch, got in fetcher.waiting():
+                for fetch, got in fetcher.waiting(self.stopping):
                     if isinstance(got, Fetched):
                         arrived.append((fetch, got))
                     else:
@@ -549,9 +577,16 @@ class _Fetcher:
         self.running += 1
         self.pool.submit(self._run, fetch)
 
-    def waiting(self) -> list:
-        """What has arrived: at least one thing (waited for), at most ``AHEAD``."""
-        found = [self.queue.get()]
+    def waiting(self, stopping: threading.Event | None = None) -> list:
+        """What has arrived: at least one thing (waited for), at most ``AHEAD``; nothing if
+        ``stopping`` is set meanwhile."""
+        while True:
+            try:
+                found = [self.queue.get(timeout=0.5)]
+                break
+            except queue.Empty:
+                if stopping is not None and stopping.is_set():
+                    return []
         while len(found) < AHEAD:
             try:
                 found.append(self.queue.get_nowait())
@@ -561,9 +596,11 @@ class _Fetcher:
         return found
 
     def close(self) -> None:
-        """Stop: fetches end at their next original; what waits is removed (and the run's
-        folder, with anything a fetch was writing, when the run ends)."""
+        """Stop: fetches end at their next original, or at once if they are reading an answer;
+        what waits is removed (and the run's folder, with anything a fetch was writing, when
+        the run ends)."""
         self.cancelled.set()
+        self.source.abort()
         while True:
             try:
                 _, got = self.queue.get_nowait()
@@ -608,6 +645,7 @@ def replicate(config: Config, url: str, token: str | None = None, studies=(), si
     the archive or the database (``Unavailable``, ``OSError``, peewee's errors) stops the run.
     ``stopping``: once set, no more is fetched (what was fetched is ingested or removed)."""
     databases.get(to)  # Refused before anything is fetched
+    archive.remove_stale_temporaries(config.archive.dir)  # (of an ingest process killed mid-store)
     source = Source(url, token)
     folder = None
     try:
