@@ -253,6 +253,19 @@ def sent_of(source):
     return {sop: d for sop, (_, _, d) in source.by_sop.items()}
 
 
+def stopped_promptly_then_resumed(site, source, study, helpers, took, err, total=150):
+    """A run stopped by a signal ended within 10 s without a traceback, its ingest process with
+    it; a run again stores the rest, every instance exactly once."""
+    assert helpers and took < 10, (took, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert wait_for(lambda: not any(alive(p) for p in helpers), timeout=10), "ingest process lives on"
+    before = len(instances_of(study))
+    assert before < total, "finished before it was stopped"
+    [report] = site.replicate("--from", source.root, "--study", study)
+    assert (report["stored"], report["present"], report["failed"]) == (total - before, before, 0)
+    assert_exactly_once(site, study, sent_of(source))
+
+
 def test_kill_9_right_as_the_ingest_process_starts_then_again_exactly_once(site, tmp_path):
     study, files = a_study(tmp_path / "src", 60, series=2)
     with FakeSource(files) as source:
@@ -329,14 +342,8 @@ def test_ctrl_c_of_the_process_group_mid_run_ends_promptly_leaving_no_process(si
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        assert helpers and took < 10, (took, err[-2000:])
-        assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
-        assert wait_for(lambda: not any(alive(p) for p in helpers), timeout=5), "ingest process lives on"
-        before = len(instances_of(study))
-        assert before < 150, "finished before Ctrl-C"
-        [report] = site.replicate("--from", source.root, "--study", study)
-        assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
-        assert_exactly_once(site, study, sent_of(source))
+        assert proc.returncode != 0
+        stopped_promptly_then_resumed(site, source, study, helpers, took, err)
     assert not incoming_left(site)
 
 
@@ -556,14 +563,7 @@ def test_sigterm_of_the_replicate_command_mid_run_leaves_no_process_and_resumes(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        assert helpers and took < 10, (took, err[-2000:])
-        assert "Traceback" not in err, err[-3000:]
-        assert wait_for(lambda: not any(alive(p) for p in helpers), timeout=10), "ingest process lives on"
-        before = len(instances_of(study))
-        assert before < 150, "finished before SIGTERM"
-        [report] = site.replicate("--from", source.root, "--study", study)
-        assert (report["stored"], report["present"], report["failed"]) == (150 - before, before, 0)
-        assert_exactly_once(site, study, sent_of(source))
+        stopped_promptly_then_resumed(site, source, study, helpers, took, err)
     assert not incoming_left(site)
 
 
