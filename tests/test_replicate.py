@@ -251,6 +251,20 @@ def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes
     assert json.loads(site.cli("verify", "--json"))["missing"] == []
 
 
+def test_the_ingest_process_runs_our_code_whatever_folder_it_is_started_in(
+        site, orthanc, tmp_path, monkeypatch):
+    """Run from a folder that holds another ``watcher`` package (a checkout of another
+    version, say): the ingest process still runs the code of the command that started it."""
+    decoy = tmp_path / "elsewhere" / "watcher"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text('raise SystemExit("a decoy watcher package was imported")\n')
+    study, files = a_study(tmp_path / "src", 2)
+    orthanc.upload(files)
+    monkeypatch.chdir(decoy.parent)
+    [report] = site.replicate("--from", orthanc.root, "--study", study)
+    assert (report["stored"], report["failed"]) == (2, 0), report
+
+
 def test_unreachable_source_is_a_clear_error(site):
     url = f"http://127.0.0.1:{free_port()}/dicom-web/"
     output = site.output("--from", url, code=1)

@@ -48,9 +48,10 @@ class IngestProcess:
             # A session of its own: a Ctrl-C at the terminal goes to the caller alone, which
             # stops its run and then this process (in its start-up, it would print a traceback).
             self._process = subprocess.Popen(
-                [sys.executable, "-c",
+                # The same package as ours, wherever it was imported from: first on its path,
+                # and not the working folder (-P), which may hold another ``watcher``.
+                [sys.executable, "-P", "-c",
                  f"from watcher.ingest_process import main; main({theirs.fileno()})"],
-                # (the same package as ours, wherever it was imported from)
                 env=os.environ | {"PYTHONPATH": os.pathsep.join(
                     p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)},
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
