@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the study-database catalog at scale (bench/catalog.py): "
                              "1,000,000 instances (--quick: 20,000), databases/status/distribute timed")
     parser.add_argument("--receive", action="store_true",
-                        help="only the DICOM receiver against storescp and Orthanc (bench/receive.py): "
+                        help="only the DICOM receiver against storescp, Orthanc and pynetdicom alone (bench/receive.py): "
                              "2,000 small objects, 3 x 200 MB, paced latency (--quick: 300, 1 x 20 MB); "
                              "with --repeat N, N rounds; with --profile, dicom-watcher's under py-spy")
     parser.add_argument("--web", action="store_true",

@@ -1,11 +1,13 @@
 """The DICOM receiver (C-STORE SCP) against its peers, in one run: dicom-watcher, DCMTK
-``storescp`` and Orthanc.
+``storescp``, Orthanc and pynetdicom alone.
 
-Each peer is started as a process of its own on a free port, with its storage under the
-scratch folder, and is measured from outside in three cases, each on a fresh start:
+Each peer is started as a process of its own on a free port (pynetdicom alone: a parent with
+two SCP processes, a port each), with its storage under the scratch folder, and is measured
+from outside in three cases, each on a fresh start:
 
 - **small**: ``small_count`` ~25 KB CT instances (``corpus.small_instances``) sent by
-  ``senders`` concurrent DCMTK ``storescu`` processes (one association each). objects/s is
+  ``senders`` concurrent DCMTK ``storescu`` processes (one association each; the sender of
+  folder i sends to port i of a peer with several). objects/s is
   the objects over the wall time from launching the senders to the last one's exit; CPU-ms
   per object is the receiver's process tree (utime + stime of the process, its live and
   exited children) over the same window, idle background work included.
@@ -19,21 +21,31 @@ scratch folder, and is measured from outside in three cases, each on a fresh sta
 Nothing is counted on faith: every C-STORE must be answered with Success (``storescu -v``
 logs each response; the SCU's statuses are checked), and the receiver must then hold every
 object (dicom-watcher: one ``instance`` row per object with its stored file in the archive,
-no rejection; storescp: one file per object in its folder; Orthanc: ``/statistics``
-``CountInstances`` and its storage files). A shortfall raises.
+no rejection; storescp and pynetdicom alone: one file per object in its folder; Orthanc:
+``/statistics`` ``CountInstances`` and its storage files). A shortfall raises.
 
 The peers: dicom-watcher ``run`` with a ``[dicom]`` section on SQLite (its defaults
 otherwise: importer processes, workers); ``storescp --fork`` (defaults: no fsync, the data
 set decoded and written again); Orthanc (Debian's ``orthanc`` package) with a generated
 config: its ports, storage and index under scratch, no plugins, defaults otherwise (SQLite
-index, fsync of each file). DCMTK leaves Nagle's algorithm on unless ``TCP_NODELAY=1`` is in
-its environment, so every DCMTK process here (storescu, storescp and Orthanc, which uses
-DCMTK's network code) gets it. A peer that is not installed is skipped, saying so.
+index, fsync of each file); pynetdicom alone (``bench/pynetdicom_peer.py``), the ceiling of
+the library our receiver is built on, doing nothing with what it receives: two minimal
+pynetdicom SCP processes (dicom-watcher spreads associations over its importer processes: one
+association each here), configured as watcher/receive.py configures its receiver (each data
+set written to a temporary file as it arrives, PDUs of 256 kB, TCP_NODELAY), whose C-STORE
+handler only keeps pynetdicom's file (a hard link, no fsync). They listen on a port each
+rather than sharing one: two processes accepting on one socket race for each connection
+(dicom-watcher arbitrates in ``_AcceptingOn.get_request``), so both associations could land in
+one. It takes part in every case; the large and paced ones send to its first port only.
+DCMTK leaves Nagle's algorithm on unless ``TCP_NODELAY=1`` is in its environment, so every
+DCMTK process here (storescu, storescp and Orthanc, which uses DCMTK's network code) gets it.
+A peer that is not installed is skipped, saying so.
 
 ``measure(scratch, quick, rounds)`` returns rows (``results.make_row`` plus ``peer``,
 ``case``, ``round`` and the case's figures); ``table(rows)`` prints each figure's median
-(and range over the rounds) per peer and the ratios dicom-watcher / storescp and
-dicom-watcher / Orthanc. ``profile(scratch, quick)`` runs the small case once with
+(and range over the rounds) per peer and the ratios dicom-watcher / storescp,
+dicom-watcher / Orthanc and dicom-watcher / pynetdicom alone (how much of the gap to the
+others is pynetdicom's own). ``profile(scratch, quick)`` runs the small case once with
 dicom-watcher under py-spy and returns where its CPU goes.
 """
 
@@ -68,8 +80,9 @@ LOGGER = logging.getLogger(__name__)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT = 1800.0  # seconds for one storescu
 DCMTK_ENV = {"TCP_NODELAY": "1"}  # see the module docstring
-WATCHER, STORESCP, ORTHANC = "dicom-watcher", "storescp", "Orthanc"
-PEERS = (WATCHER, STORESCP, ORTHANC)
+WATCHER, STORESCP, ORTHANC, PYNETDICOM = "dicom-watcher", "storescp", "Orthanc", "pynetdicom alone"
+PEERS = (WATCHER, STORESCP, ORTHANC, PYNETDICOM)
+COMPARED = (STORESCP, ORTHANC, PYNETDICOM)  # the table's ratios: dicom-watcher / each
 CALLING_AE = "BENCHSCU"
 
 
@@ -100,16 +113,19 @@ def _env() -> dict:
 
 
 class Peer:
-    """One receiver process on a free port, storing under ``workdir``."""
+    """One receiver process on free ports (one unless ``port_count`` says more), storing under
+    ``workdir``. The sender of folder i sends to ``ports[i % port_count]``."""
 
     name = "?"
     ae_title = "ANY-SCP"
+    port_count = 1
 
     def __init__(self, workdir: Path, log_dir: Path | None = None):
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         self.workdir, self.log_dir = workdir, log_dir
-        self.port = free_port()
+        self.ports = [free_port() for _ in range(self.port_count)]
+        self.port = self.ports[0]
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.log_path = workdir / "receiver.log"
@@ -130,7 +146,7 @@ class Peer:
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while not echo(self.port, self.ae_title):
+        while not all(echo(port, self.ae_title) for port in self.ports):
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -247,6 +263,23 @@ class StorescpPeer(Peer):
         return sum(1 for _ in self.out.iterdir())
 
 
+class PynetdicomPeer(Peer):
+    """bench/pynetdicom_peer.py: one minimal pynetdicom SCP process per port, below one parent
+    (the tree measured), each keeping every file pynetdicom writes in ``workdir/out``."""
+
+    name = PYNETDICOM
+    port_count = 2  # the small case's senders: one association per process, as dicom-watcher's
+
+    def start(self) -> None:
+        self.out = self.workdir / "out"
+        script = Path(__file__).with_name("pynetdicom_peer.py")
+        self._popen([sys.executable, str(script), str(self.workdir), *map(str, self.ports)])
+        self.wait_ready()
+
+    def stored(self) -> int:
+        return sum(1 for _ in self.out.iterdir())
+
+
 def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or (shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin"))
 
@@ -309,6 +342,7 @@ def available_peers() -> tuple[dict[str, type[Peer]], dict[str, str]]:
         peers[ORTHANC] = OrthancPeer
     else:
         skipped[ORTHANC] = "Orthanc is not installed (apt-get install -y orthanc)"
+    peers[PYNETDICOM] = PynetdicomPeer
     return peers, skipped
 
 
@@ -367,14 +401,16 @@ RESPONSE = re.compile(r"Received Store Response \(([^)]*)\)")
 
 
 def storescu(folders: list[Path], peer: Peer, logs: Path) -> float:
-    """One ``storescu -v`` per folder, all at once; wall seconds until the last exits. Raises
-    unless each exited 0 and answered Success for every file of its folder."""
+    """One ``storescu -v`` per folder, all at once (folder i to the peer's port i, modulo its
+    ports); wall seconds until the last exits. Raises unless each exited 0 and answered Success
+    for every file of its folder."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     started = time.perf_counter()
     for index, folder in enumerate(folders):
         log = (logs / f"storescu-{index}.log").open("wb")
-        command = ["storescu", "-v", "-aet", CALLING_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
+        port = peer.ports[index % len(peer.ports)]
+        command = ["storescu", "-v", "-aet", CALLING_AE, "-aec", peer.ae_title, "127.0.0.1", str(port),
                    "+sd", str(folder)]
         procs.append((subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env()),
                       log, folder, logs / f"storescu-{index}.log"))
@@ -593,7 +629,8 @@ def _spread(values: list[float]) -> tuple[float | None, str]:
 
 def table(rows: list[dict], plan_note: str = "") -> str:
     """One line per figure: each peer's median (min–max over the rounds), and the ratios
-    dicom-watcher / storescp and dicom-watcher / Orthanc (of the medians)."""
+    dicom-watcher / storescp, dicom-watcher / Orthanc and dicom-watcher / pynetdicom alone (of
+    the medians)."""
     measured = [r for r in rows if not r.get("skipped")]
     names = [name for name in PEERS if any(r["peer"] == name for r in measured)]
     lines = []
@@ -604,13 +641,13 @@ def table(rows: list[dict], plan_note: str = "") -> str:
             medians[name], text = _spread([v for v in values if v is not None])
             cells.append(text)
         ratios = []
-        for other in (STORESCP, ORTHANC):
+        for other in COMPARED:
             if other in names and medians.get(WATCHER) and medians.get(other):
                 ratios.append(f"{medians[WATCHER] / medians[other]:.2f}")
             else:
                 ratios.append(None)
         lines.append((label, *cells, *ratios))
-    headers = ("figure", *names, "dicom-watcher / storescp", "dicom-watcher / Orthanc")
+    headers = ("figure", *names, *(f"{WATCHER} / {other}" for other in COMPARED))
     out = _table(headers, lines)
     rounds = max((r.get("round", 1) for r in measured), default=0)
     counts = {case: next((r["files"] for r in measured if r["case"] == case), None) for case in CASES}
