@@ -265,6 +265,41 @@ def test_the_ingest_process_runs_our_code_whatever_folder_it_is_started_in(
     assert (report["stored"], report["failed"]) == (2, 0), report
 
 
+def test_an_ingest_killed_while_its_batch_waits_unsynced_resumes_exactly_once(site, orthanc, tmp_path):
+    """A batch's originals wait under temporary names, not yet synced, until its commit
+    (archive.make_durable). The ingest process is frozen there and killed (kill -9): no row
+    points at them, and a run again removes the temporaries and stores every instance exactly
+    once, byte for byte."""
+    study, files = a_study(tmp_path / "src", 150, series=3)
+    sent = orthanc.upload(files)
+    waiting_room = site.config.archive.dir / ".tmp"
+    command = [sys.executable, "-m", "watcher", "replicate", "--config", str(site.config_path),
+               "--from", orthanc.root, "--study", study]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        caught = wait_for(lambda: proc.poll() is not None or (
+            waiting_room.is_dir() and any(waiting_room.iterdir())), timeout=30, step=0.0005)
+        [ingest] = [pid for pid in children_of(proc.pid)
+                    if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(ingest, signal.SIGSTOP)
+        unsynced = [p for p in waiting_room.iterdir() if p.stat().st_nlink == 2]  # (+ .incoming)
+        os.kill(ingest, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert caught and unsynced, "no batch was caught waiting for its sync"
+    assert proc.returncode == 1 and "the ingest process ended" in err, err
+    before = len(instances_of(study))
+    assert before < 150
+    for row in instances_of(study):
+        assert (site.config.archive.dir / row.stored_path).read_bytes() == sent[row.sop_instance_uid]
+    resumes_exactly_once(site, orthanc, study, sent, before)
+    assert not list(waiting_room.iterdir())  # the dead process's temporaries are gone
+    assert json.loads(site.cli("verify", "--json"))["missing"] == []
+
+
 def test_unreachable_source_is_a_clear_error(site):
     url = f"http://127.0.0.1:{free_port()}/dicom-web/"
     output = site.output("--from", url, code=1)

@@ -8,7 +8,10 @@ fsync serves a whole batch of files (watcher/commit.py).
 
 Order: write a temporary file in ``<archive>/.tmp``, fsync it, rename it to its
 final name; the caller fsyncs the folder (``Stored.folder``) before any
-database row may point at it.
+database row may point at it. A batch may instead leave its originals under their
+temporary names unsynced (``sync=False``) and make them all durable at once before its
+commit (``make_durable``: one syncfs, then the renames): never is a final name given to
+bytes that are not on disk, since a final name is trusted as "already stored".
 
 Whatever stalls the commit (a lock held for minutes, SIGSTOP, a slow disk), an
 original's bytes can never change after they were hashed. Two ways get there:
@@ -30,6 +33,7 @@ link and the commit) is replaced, never trusted.
 """
 
 import contextlib
+import ctypes
 import datetime
 import errno
 import fcntl
@@ -63,6 +67,7 @@ class Stored:
     folder: Path  # fsync this before a row points at the file
     captured: object = None  # shared: the source's dispose.Capture (removed after the commit)
     xxh3: str | None = None  # see quick_digest
+    unsynced: Path | None = None  # stored with sync=False: its temporary name until make_durable
 
 
 def quick_digest():
@@ -87,18 +92,20 @@ def content_path(sha256: str, day: datetime.date) -> str:
 
 
 def store_original(source, archive_dir: Path, day: datetime.date | None = None, capture=None,
-                   known: tuple[str, str] | None = None) -> Stored:
+                   known: tuple[str, str] | None = None, sync: bool = True) -> Stored:
     """Store ``source`` (a ``watcher.source.Source``) in the archive; the file is fsynced.
 
     ``capture()``: takes the source out of sight (watcher/dispose.py); given, the
     source's own inode is shared when it can be, else its bytes are copied.
     ``known``: the (sha256, xxh3) of a file that is ours alone, hashed as we wrote it (a
     fetched original): shared, it is not read and hashed again.
+    ``sync=False``: a shared original is left unsynced under a temporary name
+    (``Stored.unsynced``) for ``make_durable``, which must come before its row is committed.
     """
     day = day or datetime.datetime.now(datetime.timezone.utc).date()
     try:
         if capture is not None and _can_share(source, archive_dir):
-            stored = _store_shared(source, archive_dir, day, capture, known)
+            stored = _store_shared(source, archive_dir, day, capture, known, sync)
             if stored is not None:
                 return stored
         return _store_copy(source, archive_dir, day)
@@ -138,7 +145,7 @@ def _can_share(source, archive_dir: Path) -> bool:
 
 
 def _store_shared(source, archive_dir: Path, day: datetime.date, capture,
-                  known: tuple[str, str] | None = None) -> Stored | None:
+                  known: tuple[str, str] | None = None, sync: bool = True) -> Stored | None:
     sha, quick = known or digests(source.chunks())
     rel = content_path(sha, day)
     final = archive_dir / rel
@@ -152,6 +159,8 @@ def _store_shared(source, archive_dir: Path, day: datetime.date, capture,
         if source.mode & 0o222:
             os.fchmod(source.fd, 0o444)  # like our own copies (put_back restores its mode)
         _link_inode(source.fd, tmp)
+        if not sync:
+            return Stored(rel, sha, source.size, True, final.parent, captured, xxh3=quick, unsynced=tmp)
         os.fsync(source.fd)  # its bytes (a writer may have left them in the page cache) and its links
         _place(tmp, final)
         if os.path.lexists(tmp):  # final was a link to this inode already (a crash): rename did nothing
@@ -162,6 +171,44 @@ def _store_shared(source, archive_dir: Path, day: datetime.date, capture,
         captured.put_back()
         raise
     return Stored(rel, sha, source.size, True, final.parent, captured, xxh3=quick)
+
+
+def make_durable(stored: list[Stored]) -> None:
+    """Before any row may point at them: the originals stored with ``sync=False`` are made
+    durable all at once (one syncfs of the archive's file system serves them all, where an
+    fsync each would cost a journal commit each) and only then take their final names; then
+    every folder of ``stored`` is fsynced. Should the sync fail, they are removed."""
+    waiting = [s for s in stored if s.unsynced is not None]
+    placed = 0
+    try:
+        if waiting:
+            sync_file_system(waiting[0].unsynced.parent)
+        for one in waiting:
+            _place(one.unsynced, one.folder / Path(one.relpath).name)
+            if os.path.lexists(one.unsynced):  # the final name was this inode already (a crash)
+                os.unlink(one.unsynced)
+            placed += 1
+    except BaseException:
+        for one in waiting[placed:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(one.unsynced)
+        raise
+    for folder in {s.folder for s in stored}:
+        fsync_dir(folder)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_file_system(path: Path) -> None:
+    """syncfs(2): everything written to the file system that holds ``path`` is on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def _link_inode(fd: int, dest: Path) -> None:

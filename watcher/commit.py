@@ -1,6 +1,6 @@
 """Group commit: many files' rows in one transaction, so one fsync serves many files.
 
-The originals' folders are made durable (fsync) first, then every record is
+The originals and their folders are made durable first (``archive.make_durable``), then every record is
 written in one transaction and committed once. Nothing is acknowledged before
 its commit: per-file durability is kept, only the fsyncs are shared.
 A service worker commits all the files it took at once this way
@@ -29,8 +29,7 @@ def commit_all(records: list) -> list:
     When the transaction fails, nothing of it is committed and every record gets the error.
     """
     try:
-        for folder in {r.stored.folder for r in records}:
-            archive.fsync_dir(folder)
+        archive.make_durable([r.stored for r in records])
         with catalog.ids.batch(), models.write_transaction():
             return catalog.record(records)
     except Exception as exc:

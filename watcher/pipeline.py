@@ -302,15 +302,18 @@ def ingest_object(path: Path, origin, config: Config, sop_class_uid: str = "",
 def ingest_objects(objects: list[dict], config: Config) -> list:
     """``ingest_object`` for many objects (each a dict of its arguments), their rows committed
     in one transaction; in order, each one's Outcome or the exception that stopped it."""
-    with archive.storing(config.archive.dir):
-        return together([ingesting_object(config=config, **one) for one in objects], caught=(Exception,))
+    with archive.storing(config.archive.dir):  # (one syncfs for the batch: archive.make_durable)
+        return together([ingesting_object(config=config, sync=False, **one) for one in objects],
+                        caught=(Exception,))
 
 
 def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = "",
                      sop_instance_uid: str = "", study_uid: str | None = None,
-                     refused: Rejected | None = None, digests: tuple[str, str] | None = None):
+                     refused: Rejected | None = None, digests: tuple[str, str] | None = None,
+                     sync: bool = True):
     """The stages of ``ingest_object`` as a generator, as ``ingesting`` is ``ingest``'s.
-    ``digests``: the object's (sha256, xxh3), computed as its bytes were written."""
+    ``digests``: the object's (sha256, xxh3), computed as its bytes were written; ``sync``:
+    see ``archive.store_original`` (the commit makes it durable)."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
     with Source(path.parent, path.name, lease=False, private=True,
@@ -329,7 +332,7 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
                     f"the dataset belongs to study {info.study_instance_uid}, but it was sent to "
                     f"study {study_uid}"))
             stored = archive.store_original(source, config.archive.dir, capture=lambda: OWNED,
-                                            known=digests)
+                                            known=digests, sync=sync)
             # A failed commit raises from the yield and leaves the original for ``verify
             # --repair``: another intake may be storing the same bytes under the same name
             # right now, its row not committed yet.
