@@ -292,3 +292,31 @@ def test_a_batch_that_cannot_be_named_leaves_no_temporary_and_no_row(config):
     assert not Instance.select().exists()
     assert not list((config.archive.dir / ".tmp").iterdir())
     assert [p.read_bytes() for p, _ in objects] == [data for _, data in objects]  # the sender's, untouched
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one", "batch"])
+def test_a_conflict_that_arrived_whole_is_kept_as_rejected_and_not_in_the_archive(config, together):
+    """Other bytes under a SOP Instance UID already imported, received (a C-STORE) or fetched (a
+    replication's batch): kept in rejected_dir with reason conflict, and the archive holds the
+    first original only (no orphan of the newcomer's bytes left for ``verify --repair``)."""
+    from watcher.origin import from_dicom
+    from watcher.pipeline import ingest_object, ingest_objects
+    folder = config.archive.dir / ".incoming" / "test"
+    folder.mkdir(parents=True)
+    ds = ct(sop_uid="1.2.826.0.1.3680043.99.77")
+    first = write(folder / "first.dcm", ds)
+    origin = from_dicom("dicom-server", "SCU", "ARCHIVE", "127.0.0.1")
+    assert ingest_object(first, origin, config).outcome == "imported"
+    ds.InstitutionName = "other"
+    other = write(folder / "other.dcm", ds)
+    data = other.read_bytes()
+    if together:
+        [outcome] = ingest_objects([dict(path=other, origin=origin)], config)
+    else:
+        outcome = ingest_object(other, origin, config)
+    assert (outcome.outcome, outcome.reason) == ("rejected", "conflict")
+    [kept] = [p for p in config.archive.rejected_dir.rglob("*") if p.is_file()]
+    assert kept.read_bytes() == data
+    stored = [p for p in config.archive.dir.rglob("*.dcm") if ".incoming" not in p.parts]
+    assert [p.name for p in stored] == [f"{Instance.get().sha256}.dcm"]
+    assert not list((config.archive.dir / ".tmp").iterdir())

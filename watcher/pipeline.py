@@ -316,6 +316,7 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
     see ``archive.store_original`` (the commit makes it durable)."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
+    stored = None
     with Source(path.parent, path.name, lease=False, private=True,
                 read_whole=digests is None) as source:
         try:
@@ -343,6 +344,7 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
             outcome = Outcome(result, label, info.sop_instance_uid, stored.sha256,
                               sop_class_uid=info.sop_class_uid, study_uid=info.study_instance_uid)
         except Rejected as exc:
+            _discard(stored, config)  # (a conflict, found at the commit: the archive keeps none of it)
             outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
                               dest_rel=_safe_rel(label), recorded_as=label, intake=origin.kind)
         except NotReady as exc:  # a dropped file may still grow; a whole message never will
