@@ -17,6 +17,7 @@ import pytest
 
 from conftest import wait_for
 from test_replicate import a_study, children_of, instances_of, site  # noqa: F401 (site: a fixture)
+from watcher.models import Rejection
 
 ROOT = Path(__file__).parent.parent
 STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
@@ -229,11 +230,13 @@ def test_zero_byte_and_many_tiny_parts_are_each_accounted_for(site, tmp_path):
     study, files = a_study(tmp_path / "src", 3)
     with FakeSource(files) as source:
         source.series_body = lambda uid, datas: FakeSource.parts(datas + [b""] + [b"x"] * 200)
-        [report] = site.replicate("--from", source.root, "--study", study, code=1)
+        [report] = site.replicate("--from", source.root, "--study", study)
         sent = {sop: d for sop, (_, _, d) in source.by_sop.items()}
-    assert report["stored"] == 3, report
-    # each junk part is counted as failed, with a reason; none stored
-    assert report["failed"] == 201 and len(report["errors"]) == 201, (report["failed"], report["errors"][:3])
+    # the study as listed is complete; each junk part is counted apart and kept as rejected,
+    # with a reason; none stored, none counted as an instance
+    assert (report["listed"], report["stored"], report["failed"]) == (3, 3, 0), report
+    assert report["unidentified"] == 201 and report["complete"], report
+    assert Rejection.select().count() == 201
     assert_exactly_once(site, study, sent)
     assert not incoming_left(site)
 
@@ -414,8 +417,10 @@ def test_two_different_objects_under_one_sop_in_a_series_answer(site, tmp_path, 
     rows = instances_of(study)
     assert sorted(r.sop_instance_uid for r in rows) == sorted(sent), "two rows for one SOP"
     assert (site.config.archive.dir / [r for r in rows if r.sop_instance_uid == first][0].stored_path).read_bytes() == a
-    assert report["stored"] == 4 and report["failed"] == 1, report
-    assert any(first in e for e in report["errors"]), report
+    assert (report["listed"], report["stored"], report["failed"]) == (4, 4, 0), report
+    [error] = report["errors"]  # (so the study is incomplete: exit 1)
+    assert error.startswith(f"{first}: sent again") and "conflict" in error, report
+    assert [r.reason for r in Rejection.select()] == ["conflict"]  # the other bytes, kept
 
 
 def test_large_parts_cut_into_odd_chunks_are_hashed_and_stored_byte_for_byte(site, tmp_path):

@@ -188,10 +188,12 @@ def make_durable(stored: list[Stored]) -> None:
             if os.path.lexists(one.unsynced):  # the final name was this inode already (a crash)
                 os.unlink(one.unsynced)
             placed += 1
-    except BaseException:
+    except BaseException as exc:
         for one in waiting[placed:]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(one.unsynced)
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK:  # (as store_original's own fsync)
+            raise Unavailable(f"archive {waiting[0].unsynced.parent.parent}: {exc.strerror}") from exc
         raise
     for folder in {s.folder for s in stored}:
         fsync_dir(folder)

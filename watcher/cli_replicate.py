@@ -62,6 +62,8 @@ def replicate(config_path, url, token, studies, since, target, as_json):
         for r in reports:
             click.echo(f"{r.study_instance_uid}: listed {r.listed}, stored {r.stored}, already "
                        f"present {r.present}, failed {r.failed}"
+                       + (f", {r.unidentified} parts that named no instance (the log says why)"
+                          if r.unidentified else "")
                        + ("" if r.complete else "  INCOMPLETE"))
             for error in r.errors[:10]:
                 click.echo(f"  {error}")

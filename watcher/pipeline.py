@@ -316,7 +316,7 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
     see ``archive.store_original`` (the commit makes it durable)."""
     started = time.monotonic()
     label = origin.label(sop_instance_uid or path.name)
-    stored = None
+    info = stored = None
     with Source(path.parent, path.name, lease=False, private=True,
                 read_whole=digests is None) as source:
         try:
@@ -347,6 +347,9 @@ def ingesting_object(path: Path, origin, config: Config, sop_class_uid: str = ""
             _discard(stored, config)  # (a conflict, found at the commit: the archive keeps none of it)
             outcome = _reject(source, path.name, exc.reason, exc.detail, config, root=path.parent,
                               dest_rel=_safe_rel(label), recorded_as=label, intake=origin.kind)
+            if info is not None:  # (what it was, for the intake's answer: a conflict, a mismatch)
+                outcome = dataclasses.replace(outcome, sop_instance_uid=info.sop_instance_uid or None,
+                                              sop_class_uid=info.sop_class_uid or None)
         except NotReady as exc:  # a dropped file may still grow; a whole message never will
             outcome = _reject(source, path.name, exc.reason, f"{exc.detail} (the whole message was received)",
                               config, root=path.parent, dest_rel=_safe_rel(label), recorded_as=label,

@@ -79,6 +79,9 @@ class StudyReport:
     failed: int = 0
     bytes: int = 0  # of the originals stored now
     errors: list = dataclasses.field(default_factory=list)  # what went wrong, a line each
+    unidentified: int = 0  # parts of a series' answer that failed before they said what they
+    #                        are: kept as rejected (or not stored); what the series lacked
+    #                        was asked for one by one (see the log for each)
 
     @property
     def complete(self) -> bool:
@@ -396,7 +399,7 @@ class Replication:
             else:
                 report.present += 1
         self._fetch_and_ingest(report, listed, missing, sums)
-        if report.stored or report.failed:
+        if report.stored or report.failed or report.unidentified:
             self._record(report)
         if self.to != IMPORT and (report.stored or report.present):
             self._move(report)
@@ -489,20 +492,28 @@ class Replication:
                 fetched.path.unlink(missing_ok=True)
         outage = None
         for (fetch, fetched, sop), outcome in zip(taken, outcomes):
+            if isinstance(outcome, Exception) and is_unavailable(outcome):
+                outage = outage or outcome
             if not sop:  # (from a series of a source without checksums: the object says)
                 sop = getattr(outcome, "sop_instance_uid", None) or ""
-                if sop and sop in handled:
-                    continue  # sent twice: counted once
-                if sop:
-                    handled.add(sop)
+                if not sop:  # it failed before it said: the instance it was is asked for alone
+                    report.unidentified += 1
+                    LOGGER.warning("replication of study %s: a part of the answer for series %s "
+                                   "is no instance we can name (%s); what the series lacks is "
+                                   "asked for one by one", study, fetch.series, _said(outcome))
+                    continue
+                if sop in handled:  # sent twice: counted once; other bytes the second time are told
+                    if isinstance(outcome, Exception) or outcome.outcome not in ("imported", "duplicate"):
+                        report.errors.append(f"{sop}: sent again in the same answer, and that copy "
+                                             f"{_said(outcome)}")
+                    continue
+                handled.add(sop)
             item = by_sop.get(sop)
             if item is None:  # not listed (it came to the series since): taken too
-                item = Listed(study, fetch.series, sop or fetched.path.name)
+                item = Listed(study, fetch.series, sop)
                 report.listed += 1
             if isinstance(outcome, Exception):
-                if is_unavailable(outcome):
-                    outage = outage or outcome
-                else:
+                if not is_unavailable(outcome):
                     LOGGER.error("replication of %s: ingest failed", item.sop, exc_info=outcome)
                 self._fail(report, item, f"{type(outcome).__name__}: {outcome}")
             elif outcome.outcome == "imported":
@@ -542,7 +553,8 @@ class Replication:
         """The study's line in the history."""
         detail = (f"{report.stored} instances ({report.bytes} bytes) from {self.source.name} by "
                   f"{self.actor}: listed {report.listed}, stored {report.stored}, already present "
-                  f"{report.present}, failed {report.failed}")
+                  f"{report.present}, failed {report.failed}"
+                  + (f", {report.unidentified} parts that named no instance" if report.unidentified else ""))
         Event.insert(outcome="replicated", source=report.study_instance_uid, detail=detail,
                      node=self.config.import_.node, at=utcnow(), database_name=IMPORT,
                      actor=self.actor).execute()
@@ -674,6 +686,13 @@ def _selected(source: Source, studies, since: str) -> list[tuple[str, str]]:
         return [(uid, uid) for uid in dict.fromkeys(source.studies(since))]
     wanted = list(dict.fromkeys(s.strip() for s in studies if s.strip()))
     return [(uid if source.has_study(uid) else "", uid) for uid in wanted]
+
+
+def _said(outcome) -> str:
+    """What an ingest's outcome (or the exception that stopped it) says went wrong."""
+    if isinstance(outcome, Exception):
+        return f"failed: {type(outcome).__name__}: {outcome}"
+    return f"was {outcome.outcome}" + (f" as {outcome.reason}: {outcome.detail}" if outcome.reason else "")
 
 
 def _not_found(study_uid: str) -> StudyReport:
