@@ -259,11 +259,15 @@ def incoming_objects(config, n: int) -> list:
     return [(p, p.read_bytes()) for p in (write(folder / f"{i}.dcm") for i in range(n))]
 
 
-def test_objects_ingested_together_are_synced_at_once_and_named_only_then(config):
-    """A batch of objects is stored unsynced under temporary names, made durable by one sync,
-    and only then given the final names a row points at."""
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+def test_objects_ingested_together_are_synced_at_once_and_named_only_then(config, monkeypatch, syncfs):
+    """A batch of objects is stored unsynced under temporary names, made durable by one sync
+    (an fsync each on a kernel whose syncfs reports no error), and only then given the final
+    names a row points at."""
+    from watcher import archive
     from watcher.origin import from_replication
     from watcher.pipeline import ingest_objects
+    monkeypatch.setattr(archive, "SYNCFS_REPORTS_ERRORS", syncfs)
     objects = incoming_objects(config, 3)
     origin = from_replication("someone", "http://127.0.0.1:1/dicom-web/")
     outcomes = ingest_objects([dict(path=p, origin=origin) for p, _ in objects], config)

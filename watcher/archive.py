@@ -40,6 +40,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import platform
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,13 +178,17 @@ def _store_shared(source, archive_dir: Path, day: datetime.date, capture,
 def make_durable(stored: list[Stored]) -> None:
     """Before any row may point at them: the originals stored with ``sync=False`` are made
     durable all at once (one syncfs of the archive's file system serves them all, where an
-    fsync each would cost a journal commit each) and only then take their final names; then
-    every folder of ``stored`` is fsynced. Should the sync fail, they are removed."""
+    fsync each would cost a journal commit each; an fsync each where syncfs would not report
+    an error) and only then take their final names; then every folder of ``stored`` is
+    fsynced. Should the sync fail, they are removed."""
     waiting = [s for s in stored if s.unsynced is not None]
     placed = 0
     try:
-        if waiting:
+        if waiting and SYNCFS_REPORTS_ERRORS:
             sync_file_system(waiting[0].unsynced.parent)
+        else:
+            for one in waiting:
+                _fsync_file(one.unsynced)
         for one in waiting:
             _place(one.unsynced, one.folder / Path(one.relpath).name)
             if os.path.lexists(one.unsynced):  # the final name was this inode already (a crash)
@@ -200,15 +206,30 @@ def make_durable(stored: list[Stored]) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# syncfs(2) reports write-back errors only from Linux 5.8 on; before, each file is fsynced.
+SYNCFS_REPORTS_ERRORS = tuple(int(n) for n in re.findall(r"\d+", platform.release())[:2]) >= (5, 8)
+_file_systems: dict[int, int] = {}  # st_dev -> a descriptor kept open for sync_file_system
 
 
 def sync_file_system(path: Path) -> None:
-    """syncfs(2): everything written to the file system that holds ``path`` is on disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """syncfs(2): everything written to the file system that holds ``path`` is on disk.
+
+    Through one descriptor a file system, kept for the process's life: the kernel reports a
+    write-back error once to each open descriptor, and one opened afresh for each call would not
+    be told of an error another process had been told of first."""
+    device = os.stat(path).st_dev
+    fd = _file_systems.get(device)
+    if fd is None:
+        fd = _file_systems[device] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(path))
+        os.fsync(fd)
     finally:
         os.close(fd)
 
