@@ -31,20 +31,7 @@ from test_replicate_hostile import (FakeSource, alive, assert_exactly_once, comm
                                     ingest_children, sent_of)
 
 ROOT = Path(__file__).parent.parent
-PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """As conftest's; a test may take one of them only (PG_ONLY: the subprocess-heavy ones)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/watcher.db"
-    url = request.getfixturevalue("pg_database")
-    import psycopg
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    return url
+PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # (conftest's fixture, one of its two)
 
 
 # --- stopping the ingest process at an exact instant of its batch ------------------------
