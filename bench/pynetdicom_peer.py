@@ -27,6 +27,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import (CTImageStorage, MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
                                   Verification)
 
+from watcher.receive import OFFERED_PDU_BYTES
+
 _config.STORE_RECV_CHUNKED_DATASET = True
 AE_TITLE = "ANY-SCP"
 SOP_CLASSES = (CTImageStorage, MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
@@ -47,7 +49,7 @@ def serve(folder: Path, port: int) -> None:
         return 0x0000
 
     ae = AE(ae_title=AE_TITLE)
-    ae.maximum_pdu_size = 256 << 10
+    ae.maximum_pdu_size = OFFERED_PDU_BYTES  # (as our receiver's)
     ae.add_supported_context(Verification)
     for sop_class in SOP_CLASSES:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)

@@ -8,6 +8,7 @@ The ingest process is stopped (SIGSTOP) at exact instants of its batch by a ``si
 that only the test's replication sees (on PYTHONPATH, which the ingest process inherits), and
 killed there: a crash at that instant. ``strace`` shows the order of the system calls."""
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -181,6 +182,19 @@ def stopped_at(proc, marks: Path, point: str, timeout: float = 30) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def replicating(site, root: str, study: str, env: dict, *args: str):
+    """``replicate`` of ``study`` from ``root`` as a process of its own (its output in pipes);
+    killed if it still runs when the block ends."""
+    proc = subprocess.Popen([*command(site, root, study), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()  # (nothing, if it has ended)
+        proc.wait()
+
+
 # --- a crash at each instant of a batch --------------------------------------------------
 
 @PG_ONLY
@@ -198,9 +212,7 @@ def test_a_crash_at_each_instant_of_a_durable_batch_loses_and_duplicates_nothing
     archive_dir = site.config.archive.dir
     with FakeSource(files) as source:
         sent = sent_of(source)
-        proc = subprocess.Popen(command(site, source.root, study), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with replicating(site, source.root, study, env) as proc:
             state = stopped_at(proc, marks, point)
             batch = state["batch"]
             temporaries = [Path(t) for t, _ in batch]
@@ -222,10 +234,6 @@ def test_a_crash_at_each_instant_of_a_durable_batch_loses_and_duplicates_nothing
                     assert sha_of(f) == f.name.removesuffix(".dcm")
             os.kill(state["pid"], signal.SIGKILL)
             _, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
         assert proc.returncode == 1, err[-2000:]
         assert "the ingest process ended (killed by signal 9)" in err and "Traceback" not in err, err[-2000:]
         rows_are_right(site, sent)
@@ -467,18 +475,14 @@ def test_the_archive_remounted_read_only_while_a_batch_waits_stops_the_run_and_r
     env, marks = hooked(tmp_path, DW_STOP_AT="after_link")
     with FakeSource(files) as source:
         sent = sent_of(source)
-        proc = subprocess.Popen(command(site, source.root, study), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with replicating(site, source.root, study, env) as proc:
             state = stopped_at(proc, marks, "after_link")
             subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-            os.kill(state["pid"], signal.SIGCONT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            try:
+                os.kill(state["pid"], signal.SIGCONT)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
         assert "unavailable" in err and "Read-only file system" in err, err[-2000:]
         assert not day_files(mnt) and not instances_of(study)
@@ -636,9 +640,7 @@ def test_the_day_folder_removed_while_a_synced_batch_waits_to_be_named(site, tmp
     archive_dir = site.config.archive.dir
     with FakeSource(files) as source:
         sent = sent_of(source)
-        proc = subprocess.Popen(command(site, source.root, study) + ["--json"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with replicating(site, source.root, study, env, "--json") as proc:
             state = stopped_at(proc, marks, "after_syncfs")
             day = Path(state["batch"][0][1]).parent
             gone = sorted(str(p.relative_to(archive_dir)) for p in day.glob("*.dcm"))
@@ -646,10 +648,6 @@ def test_the_day_folder_removed_while_a_synced_batch_waits_to_be_named(site, tmp
             shutil.rmtree(day)
             os.kill(state["pid"], signal.SIGCONT)
             out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err[-2000:]
     [report] = json.loads(out)
     assert report["complete"] and report["stored"] == 40, report
@@ -677,19 +675,13 @@ def test_the_waiting_room_removed_under_a_batch_loses_nothing_and_reports_truthf
     env, marks = hooked(tmp_path, DW_STOP_AT="after_link")
     with FakeSource(files) as source:
         sent = sent_of(source)
-        proc = subprocess.Popen(command(site, source.root, study) + ["--json"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with replicating(site, source.root, study, env, "--json") as proc:
             state = stopped_at(proc, marks, "after_link")
             linked = Path(state["linked"])
             assert linked.exists() and linked.parent.name == ".tmp"
             shutil.rmtree(linked.parent)
             os.kill(state["pid"], signal.SIGCONT)
             out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
         assert "Traceback" not in err, err[-2000:]
         rows_are_right(site, sent)
         assert not waiting_room(site) and not incoming_left(site)

@@ -188,7 +188,7 @@ def make_durable(stored: list[Stored]) -> None:
             sync_file_system(waiting[0].unsynced.parent)
         else:
             for one in waiting:
-                _fsync_file(one.unsynced)
+                _fsync_path(one.unsynced)
         for one in waiting:
             _place(one.unsynced, one.folder / Path(one.relpath).name)
             if os.path.lexists(one.unsynced):  # the final name was this inode already (a crash)
@@ -226,12 +226,6 @@ def sync_file_system(path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _link_inode(fd: int, dest: Path) -> None:
@@ -425,7 +419,11 @@ def _ensure_dir(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _fsync_path(path, os.O_DIRECTORY)
+
+
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
