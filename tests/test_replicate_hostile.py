@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from conftest import wait_for
+from dicomfiles import ct, write
 from test_replicate import a_study, children_of, instances_of, site  # noqa: F401 (site: a fixture)
 from watcher.models import Rejection
 
@@ -41,6 +42,7 @@ class FakeSource:
             self.by_sop[str(ds.SOPInstanceUID)] = (str(ds.StudyInstanceUID),
                                                   str(ds.SeriesInstanceUID), Path(path).read_bytes())
         self.requests = []
+        self.broken_listings = set()  # studies whose instances QIDO-RS answers HTTP 500
         self.series_body = self._normal
         self.instance_body = self._normal
         outer = self
@@ -59,6 +61,11 @@ class FakeSource:
                                 if uid in (None, s)]
                         return self._json(rows if "offset=0" in query or "offset" not in query else [])
                     if len(parts) == 3 and parts[2] == "instances":
+                        if parts[1] in outer.broken_listings:
+                            self.send_response(500)
+                            self.send_header("Content-Length", "0")
+                            self.end_headers()
+                            return
                         if "offset=0" not in query and "offset" in query:
                             return self._json([])
                         rows = [{STUDY: _ui(st), SERIES: _ui(se), SOP: _ui(sop)}
@@ -717,3 +724,44 @@ def test_a_part_of_another_type_mid_series_then_the_rest_one_by_one(site, tmp_pa
         assert (report["stored"], report["failed"], report["complete"]) == (6, 0, True), report
         assert_exactly_once(site, study, sent_of(source))
     assert not incoming_left(site)
+
+
+def _studies(tmp_path, count, n):
+    made = [a_study(tmp_path / f"src{i}", n) for i in range(count)]
+    return [uid for uid, _ in made], [f for _, files in made for f in files]
+
+
+def _listings(source):
+    return [r for r in source.requests if r.endswith("/instances") and "/series/" not in r]
+
+
+def test_each_study_is_listed_once_and_a_listing_that_fails_ahead_fails_that_study_alone(site, tmp_path):
+    uids, files = _studies(tmp_path, 3, 3)
+    with FakeSource(files) as source:
+        source.broken_listings = {uids[1]}  # (listed while the first study is fetched)
+        reports = site.replicate("--from", source.root, *[a for u in uids for a in ("--study", u)], code=1)
+    assert [(r["study_instance_uid"], r["stored"], r["complete"]) for r in reports] == [
+        (uids[0], 3, True), (uids[1], 0, False), (uids[2], 3, True)]
+    assert reports[1]["errors"] == [f"GET {source.root}studies/{uids[1]}/instances: HTTP 500"]
+    assert sorted(_listings(source)) == sorted(f"/dicom-web/studies/{u}/instances" for u in uids)
+    assert not incoming_left(site)
+
+
+def test_an_instance_added_at_the_source_after_its_study_was_listed_ahead_comes_with_its_series(
+        site, tmp_path):
+    uids, files = _studies(tmp_path, 2, 3)
+    with FakeSource(files) as source:
+        [series] = {se for st, se, _ in source.by_sop.values() if st == uids[1]}
+        late = ct(study_uid=uids[1], series_uid=series)
+        late_bytes = write(tmp_path / "late.dcm", late).read_bytes()
+
+        def first_study(uid, datas):  # served once the second study has been listed: then it grows
+            assert wait_for(lambda: f"/dicom-web/studies/{uids[1]}/instances" in _listings(source), timeout=10)
+            source.by_sop[str(late.SOPInstanceUID)] = (uids[1], series, late_bytes)
+            source.series_body = source._normal
+            yield from source.parts(datas)
+        source.series_body = first_study
+        reports = site.replicate("--from", source.root, "--study", uids[0], "--study", uids[1])
+    assert [(r["listed"], r["stored"], r["complete"]) for r in reports] == [(3, 3, True), (4, 4, True)]
+    assert_exactly_once(site, uids[1], {sop: d for sop, (st, _, d) in source.by_sop.items() if st == uids[1]})
+    assert len(_listings(source)) == 2

@@ -1,6 +1,6 @@
 """The command that pulls studies from another archive: ``replicate`` (see watcher/cli.py).
 
-watcher/replicate.py (httpx, the ingest path) is imported when the command runs, not when
+watcher/replicate.py (urllib3, the ingest path) is imported when the command runs, not when
 the CLI starts."""
 
 import click

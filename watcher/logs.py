@@ -79,16 +79,12 @@ def setup(verbose: int = 0, quiet: int = 0, stream=None) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
-    for library in ("peewee", "psycopg", "watchdog", "pydicom"):  # their debug lines: -vv
+    for library in ("peewee", "psycopg", "watchdog", "pydicom", "urllib3"):  # their debug lines: -vv
         logging.getLogger(library).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.INFO))
     # pynetdicom's INFO lines (an association accepted, each store request, its release) repeat
     # our one line per object; -v shows them
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose >= 2 else
                                              logging.INFO if verbose else max(level, logging.WARNING))
-    # httpx logs every request of a replication at INFO: our one line per object says it; -v shows them
-    for library in ("httpx", "httpcore"):
-        logging.getLogger(library).setLevel(logging.DEBUG if verbose >= 2 else
-                                            logging.INFO if verbose else max(level, logging.WARNING))
     # (each migration is logged by watcher.models already)
     logging.getLogger("peewee.migrations").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     return handler

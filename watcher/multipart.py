@@ -143,21 +143,26 @@ class PartsToFiles:
         self.total += end - start
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise BadBody(f"more than {self.max_bytes:,} bytes: refused before the disk fills")
-        self._held += memoryview(data)[start:end]
         self.parts[-1].size += end - start
+        if not self._held and end - start >= CHUNK // 16:  # big enough to write as it is
+            self._write(memoryview(data)[start:end])
+            return
+        self._held += memoryview(data)[start:end]
         if len(self._held) >= CHUNK:
             self._write_held()
 
     def _write_held(self) -> None:
         """Hash and write what is held, at once: a syscall and a hash call a CHUNK rather
-        than one each a piece of the body as it came (64 KiB from the socket), which would
-        hand the GIL to and fro between threads many times an object."""
-        part, held = self.parts[-1], self._held
-        self._held = bytearray()
+        than one each small piece of the body as it came (64 KiB from the socket), which
+        would hand the GIL to and fro between threads many times an object."""
+        held, self._held = self._held, bytearray()
+        self._write(memoryview(held))
+
+    def _write(self, view: memoryview) -> None:
+        part = self.parts[-1]
         if part.digest is not None:
-            part.digest.update(held)
-            part.quick.update(held)
-        view = memoryview(held)
+            part.digest.update(view)
+            part.quick.update(view)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]

@@ -25,17 +25,19 @@ import contextlib
 import dataclasses
 import datetime
 import getpass
+import json
 import logging
 import os
 import queue
 import re
 import shutil
-import socket
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+import urllib3
+from urllib3.util import make_headers, parse_url
 
 from . import archive
 from .config import Config
@@ -52,7 +54,12 @@ ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 WORKERS = 2  # fetches at once (4 was slower here: threads wait on one another for the GIL)
 AHEAD = 32  # fetched objects waiting on disk for the ingest (and ingested together), at most
 PAGE = 1000  # QIDO-RS results asked for at a time
-TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+TIMEOUT = urllib3.Timeout(connect=10.0, read=30.0)
+# No retries (a run again resumes), but redirects are followed. An answer is read as it comes,
+# up to 1 MiB at a time: in C, where httpx reads 64 KiB a Python call (twice the CPU, and the
+# GIL handed to and fro between the fetches each time).
+RETRIES = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10)
+READ_BYTES = 1 << 20
 STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
 _WATCHER_ROOT = re.compile(r"^(?P<site>.*)/dicom-web/(?P<db>[^/]+)/$")
 
@@ -93,7 +100,7 @@ class StudyReport:
 
 def public_url(url: str) -> str:
     """A URL without a user name or password in it."""
-    return str(httpx.URL(url).copy_with(username=None, password=None))
+    return parse_url(url)._replace(auth=None).url
 
 
 def root_of(url: str) -> str:
@@ -116,41 +123,52 @@ class Source:
 
     def __init__(self, url: str, token: str | None = None):
         self.root = root_of(url)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(headers=headers, timeout=TIMEOUT, follow_redirects=True)
-        self._reading: set = set()  # the sockets of the answers being read now
+        self._name = public_url(self.root)
+        auth = parse_url(self.root).auth  # (user:password@ in the URL: basic auth)
+        self.headers = ({"Authorization": f"Bearer {token}"} if token else
+                        make_headers(basic_auth=urllib.parse.unquote(auth)) if auth else {})
+        self.client = urllib3.PoolManager(maxsize=10, timeout=TIMEOUT)
+        self._reading: set = set()  # the answers being read now
         self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
         """The root as recorded (origin, history): without a user name or password in it."""
-        return public_url(self.root)
+        return self._name
 
     def close(self) -> None:
-        self.client.close()
+        """Close every connection now (urllib3's ``clear()`` leaves that to the collector)."""
+        for key in self.client.pools.keys():
+            if (pool := self.client.pools.get(key)) is not None:
+                pool.close()
+        self.client.clear()
 
     def abort(self) -> None:
         """End every answer being read now (its read fails at once): a source that stalls, or
         trickles a byte at a time, does not hold up a run that is stopping."""
         with self._lock:
-            for sock in self._reading:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            for answer in self._reading:
+                with contextlib.suppress(OSError, ValueError, RuntimeError):  # (ended meanwhile)
+                    answer.shutdown()
+
+    def _get(self, url: str, accept: str, fields: dict | None = None, stream: bool = False):
+        """GET ``url``: the answer (its body read unless ``stream``); ``SourceError`` if the
+        source cannot be reached or the connection fails."""
+        try:
+            return self.client.request("GET", url, fields=fields, preload_content=not stream,
+                                       headers=self.headers | {"Accept": accept}, retries=RETRIES)
+        except urllib3.exceptions.HTTPError as exc:
+            raise SourceError(f"cannot reach {url}: {_http_error(exc)}") from None
 
     @contextlib.contextmanager
-    def _abortable(self, answer: httpx.Response):
-        stream = answer.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is None:
-            yield
-            return
+    def _abortable(self, answer: urllib3.BaseHTTPResponse):
         with self._lock:
-            self._reading.add(sock)
+            self._reading.add(answer)
         try:
             yield
         finally:
             with self._lock:
-                self._reading.discard(sock)
+                self._reading.discard(answer)
 
     def studies(self, since: str = "") -> list[str]:
         """The Study Instance UIDs the source holds (with a study date from ``since`` on)."""
@@ -172,6 +190,11 @@ class Source:
             found[item.sop] = item
         return list(found.values())
 
+    def listing(self, study_uid: str) -> tuple[list[Listed], dict[str, str] | None]:
+        """A study's instances, and their checksums (see ``checksums``)."""
+        listed = self.instances(study_uid)
+        return listed, self.checksums(study_uid) if listed else None
+
     def checksums(self, study_uid: str) -> dict[str, str] | None:
         """{SOP Instance UID: sha256} from a dicom-watcher source's API; None from any other
         source, or when its API does not answer (then nothing is checked)."""
@@ -180,9 +203,9 @@ class Source:
             return None
         url = f"{match['site']}/api/databases/{match['db']}/studies/{study_uid}/instances"
         try:
-            answer = self.client.get(url, headers={"Accept": "application/json"})
-            rows = answer.json() if answer.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            answer = self._get(url, "application/json")
+            rows = json.loads(answer.data) if answer.status == 200 else None
+        except (SourceError, ValueError):
             rows = None
         if not isinstance(rows, list):
             LOGGER.info("%s gives no checksums: replicated originals are not compared", url)
@@ -197,11 +220,12 @@ class Source:
         cut short (what was delivered before stays delivered)."""
         url = self.root + fetch.path
         held = []  # (the one instance asked for)
+        answer = self._get(url, ACCEPT, stream=True)
+        read = False  # (to its end: its connection can be used again)
         try:
-            with self.client.stream("GET", url, headers={"Accept": ACCEPT}) as answer, \
-                    self._abortable(answer):
-                if answer.status_code != 200:
-                    raise SourceError(f"GET {url}: HTTP {answer.status_code}")
+            with self._abortable(answer):
+                if answer.status != 200:
+                    raise SourceError(f"GET {url}: HTTP {answer.status}")
 
                 def whole(part):
                     if part.content_type != "application/dicom":
@@ -217,8 +241,9 @@ class Source:
                                      prefix="wado", max_parts=1 if fetch.sop else 1_000_000,
                                      max_bytes=room_for(folder, fetch), hashed=True, on_part=whole)
                 try:
-                    for chunk in answer.iter_bytes():  # (as it comes: a cut loses no whole part)
+                    while chunk := answer.read1(READ_BYTES):  # (as it comes: a cut loses no whole part)
                         parts.feed(chunk)
+                    read = True
                     parts.close()
                 except BaseException:
                     parts.abandon()
@@ -227,8 +252,12 @@ class Source:
                     raise
         except BadBody as exc:
             raise SourceError(f"GET {url}: {exc}") from None
-        except httpx.HTTPError as exc:
+        except urllib3.exceptions.HTTPError as exc:
             raise SourceError(f"GET {url}: {_http_error(exc)}") from None
+        finally:
+            if not read:
+                answer.close()  # (its connection is dropped, not used again mid-answer)
+            answer.release_conn()
         for got in held:
             deliver(got)
 
@@ -247,18 +276,15 @@ class Source:
 
     def _get_json(self, url: str, params: dict) -> tuple[list, bool]:
         """The datasets of one QIDO-RS answer, and whether the source says there are more."""
-        try:
-            answer = self.client.get(url, params=params, headers={"Accept": "application/dicom+json"})
-        except httpx.HTTPError as exc:
-            raise SourceError(f"cannot reach {url}: {_http_error(exc)}") from None
-        if answer.status_code == 204:
+        answer = self._get(url, "application/dicom+json", fields=params)
+        if answer.status == 204:
             return [], False
-        if answer.status_code in (401, 403):
-            raise SourceError(f"GET {url}: HTTP {answer.status_code} (give a valid --token)")
-        if answer.status_code != 200:
-            raise SourceError(f"GET {url}: HTTP {answer.status_code}")
+        if answer.status in (401, 403):
+            raise SourceError(f"GET {url}: HTTP {answer.status} (give a valid --token)")
+        if answer.status != 200:
+            raise SourceError(f"GET {url}: HTTP {answer.status}")
         try:
-            rows = answer.json()
+            rows = json.loads(answer.data)
         except ValueError:
             raise SourceError(f"GET {url}: not DICOM JSON (is it a DICOMweb root?)") from None
         if not isinstance(rows, list):
@@ -326,7 +352,9 @@ def _key(row: dict) -> tuple:
     return tuple(_value(row, tag) for tag in (STUDY, SERIES, SOP))
 
 
-def _http_error(exc: httpx.HTTPError) -> str:
+def _http_error(exc: urllib3.exceptions.HTTPError) -> str:
+    """What went wrong, without urllib3's wrapping (``MaxRetryError``: the first try's error)."""
+    exc = getattr(exc, "reason", None) or exc
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -367,6 +395,7 @@ class Replication:
     pool: ThreadPoolExecutor | None = None
     stopping: threading.Event | None = None
     ingester: IngestProcess | None = None  # started when something is first to be fetched
+    ahead: tuple | None = None  # (the next study, its listing or the SourceError it ended in)
 
     def _ingest_process(self) -> IngestProcess:
         if self.ingester is None:
@@ -378,16 +407,17 @@ class Replication:
             self.ingester.close()
             self.ingester = None
 
-    def study(self, study_uid: str) -> StudyReport:
-        """Fetch and ingest what of one study is missing here; move it on ``to``; record it."""
+    def study(self, study_uid: str, following: str | None = None) -> StudyReport:
+        """Fetch and ingest what of one study is missing here; move it on ``to``; record it.
+        The study ``following`` it is listed as soon as this one's fetches are asked for,
+        while their first objects are on their way."""
         report = StudyReport(study_uid)
         try:
-            listed = self.source.instances(study_uid)
+            listed, sums = self._listing(study_uid)
         except SourceError as exc:
             report.errors.append(str(exc))
             return report
         report.listed = len(listed)
-        sums = self.source.checksums(study_uid) if listed else None
         here = stored_here([i.sop for i in listed], self._database_ids())
         missing = []
         for item in listed:
@@ -398,7 +428,7 @@ class Replication:
                                          "conflict: decide which is right)")
             else:
                 report.present += 1
-        self._fetch_and_ingest(report, listed, missing, sums)
+        self._fetch_and_ingest(report, listed, missing, sums, following)
         if report.stored or report.failed or report.unidentified:
             self._record(report)
         if self.to != IMPORT and (report.stored or report.present):
@@ -408,11 +438,20 @@ class Replication:
                     report.present, report.failed)
         return report
 
+    def _listing(self, study_uid: str) -> tuple[list[Listed], dict[str, str] | None]:
+        """The source's listing of a study: the one taken ahead, else asked for now."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None or ahead[0] != study_uid:
+            return self.source.listing(study_uid)
+        if isinstance(ahead[1], SourceError):
+            raise ahead[1]
+        return ahead[1]
+
     def _database_ids(self) -> list[int]:
         return sorted({IMPORT_ID, databases.get(self.to).id})
 
     def _fetch_and_ingest(self, report: StudyReport, listed: list[Listed], missing: list[Listed],
-                          sums: dict | None) -> None:
+                          sums: dict | None, following: str | None = None) -> None:
         """Fetch ``missing`` (a series at once where all of it is missing) and ingest the
         originals as they arrive; what a series' answer lacks is asked for one by one."""
         by_sop = {item.sop: item for item in listed}
@@ -430,6 +469,11 @@ class Replication:
             else:
                 for item in items:
                     fetcher.add(Fetch(item.study, item.series, item.sop))
+        if following:
+            try:
+                self.ahead = (following, self.source.listing(following))
+            except SourceError as exc:
+                self.ahead = (following, exc)
         handled: set[str] = set()  # the SOP Instance UIDs that came (stored, present or failed)
         try:
             while fetcher.running:
@@ -667,10 +711,11 @@ def replicate(config: Config, url: str, token: str | None = None, studies=(), si
             run = Replication(config, source, to, actor or os_user(), folder, pool, stopping)
             try:
                 reports = []
-                for uid, wanted in uids:
+                for i, (uid, wanted) in enumerate(uids):
                     if stopping is not None and stopping.is_set():
                         break
-                    reports.append(run.study(uid) if uid else _not_found(wanted))
+                    following = next((u for u, _ in uids[i + 1:] if u), None)
+                    reports.append(run.study(uid, following) if uid else _not_found(wanted))
                 return reports
             finally:
                 run.close()
