@@ -226,8 +226,6 @@ def sync_file_system(path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
-
-
 def _link_inode(fd: int, dest: Path) -> None:
     """A new name for the inode we hold open. linkat(2) follows /proc/self/fd/N only with
     AT_SYMLINK_FOLLOW, which os.link passes only when given a folder descriptor."""

@@ -709,13 +709,14 @@ def replicate(config: Config, url: str, token: str | None = None, studies=(), si
         folder = incoming_folder(config)
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="replicate") as pool:
             run = Replication(config, source, to, actor or os_user(), folder, pool, stopping)
+            found = [uid for uid, _ in uids if uid]
+            following = dict(zip(found, found[1:]))  # {study: the one replicated after it}
             try:
                 reports = []
-                for i, (uid, wanted) in enumerate(uids):
+                for uid, wanted in uids:
                     if stopping is not None and stopping.is_set():
                         break
-                    following = next((u for u, _ in uids[i + 1:] if u), None)
-                    reports.append(run.study(uid, following) if uid else _not_found(wanted))
+                    reports.append(run.study(uid, following.get(uid)) if uid else _not_found(wanted))
                 return reports
             finally:
                 run.close()
