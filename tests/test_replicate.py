@@ -239,7 +239,7 @@ def test_a_killed_ingest_process_stops_the_run_clearly_and_a_run_again_completes
     try:
         assert wait_for(lambda: len(instances_of(study)) >= 10 or proc.poll() is not None, timeout=30)
         [ingest] = [pid for pid in children_of(proc.pid)
-                    if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                    if b"watcher.ingest_child" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.kill(ingest, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -292,7 +292,7 @@ def test_an_ingest_killed_while_its_batch_waits_unsynced_resumes_exactly_once(si
         while not unsynced and wait_for(lambda: proc.poll() is not None or (
                 waiting_room.is_dir() and any(waiting_room.iterdir())), timeout=30, step=0.0005):
             ingest = [pid for pid in children_of(proc.pid)
-                      if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                      if b"watcher.ingest_child" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             if proc.poll() is not None or not ingest:
                 break
             os.kill(ingest[0], signal.SIGSTOP)
@@ -480,7 +480,7 @@ def test_the_service_replicates_on_its_own_and_sigterm_mid_run_stops_it_cleanly(
         assert wait_for(lambda: len(instances_of(study)) >= 20 or proc.poll() is not None, timeout=60)
         importers = children_of(proc.pid)  # (with several processes: the service's importers)
         helpers = [pid for pid in [*importers, *(c for i in importers for c in children_of(i))]
-                   if b"watcher.ingest_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                   if b"watcher.ingest_child" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.killpg(proc.pid, signal.SIGTERM)  # (as systemd stops a service: every process of it)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)

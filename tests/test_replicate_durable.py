@@ -44,7 +44,7 @@ HOOK = textwrap.dedent('''
 
     def _ingest_process():
         try:
-            return b"watcher.ingest_process" in Path("/proc/self/cmdline").read_bytes()
+            return b"watcher.ingest_child" in Path("/proc/self/cmdline").read_bytes()
         except OSError:
             return False
 

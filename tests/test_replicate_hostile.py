@@ -176,7 +176,7 @@ def ingest_children(pid):
     out = []
     for c in children_of(pid):
         try:
-            if b"watcher.ingest_process" in Path(f"/proc/{c}/cmdline").read_bytes():
+            if b"watcher.ingest_child" in Path(f"/proc/{c}/cmdline").read_bytes():
                 out.append(c)
         except OSError:
             pass

@@ -15,23 +15,20 @@ A child whose caller dies (``kill -9``) reads the end of its pipe and exits once
 hand is committed: what it committed is in the catalog, and a run again finds it present.
 SIGTERM and SIGINT are left to the caller, which stops its run and then this process: the
 child has a session of its own (a Ctrl-C at the terminal does not reach it) and ignores both
-(systemd signals every process of a service).
+(systemd signals every process of a service). The child's side is ``watcher.ingest_child``.
 """
 
 import logging
 import multiprocessing
 import os
-import pickle
-import signal
 import subprocess
 import sys
-from multiprocessing.connection import Connection
 from pathlib import Path
 
-from . import logs, models, timings
+from . import timings
 from .config import Config
 from .errors import Unavailable
-from .pipeline import Outcome, ingest_objects, is_timed, is_unavailable
+from .pipeline import Outcome, is_timed
 
 LOGGER = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +41,7 @@ class IngestProcess:
 
     def __init__(self, config: Config, name: str = "ingest"):
         self._pipe, theirs = multiprocessing.Pipe()
+        sqlite = config.database.url.startswith("sqlite:")
         try:
             # A session of its own: a Ctrl-C at the terminal goes to the caller alone, which
             # stops its run and then this process (in its start-up, it would print a traceback).
@@ -51,7 +49,7 @@ class IngestProcess:
                 # The same package as ours, wherever it was imported from: first on its path,
                 # and not the working folder (-P), which may hold another ``watcher``.
                 [sys.executable, "-P", "-c",
-                 f"from watcher.ingest_process import main; main({theirs.fileno()})"],
+                 f"from watcher.ingest_child import main; main({theirs.fileno()}, {sqlite})"],
                 env=os.environ | {"PYTHONPATH": os.pathsep.join(
                     p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)},
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
@@ -94,41 +92,3 @@ class IngestProcess:
             LOGGER.error("the ingest process did not end in %.0f s: killed", STOP_SECONDS)
             self._process.kill()
             self._process.wait()
-
-
-def main(fd: int) -> None:
-    """The child: ``python -c "…main(fd)"``, ``fd`` its end of the pipe."""
-    for sig in (signal.SIGTERM, signal.SIGINT):  # (systemd signals every process of the
-        signal.signal(sig, signal.SIG_IGN)  # service: the caller stops, then ends this one)
-    pipe = Connection(fd)
-    try:
-        config, level, name = pipe.recv()
-    except (EOFError, OSError, pickle.UnpicklingError):
-        return
-    logs.setup(verbose=max(0, (logging.INFO - level) // 10),
-               quiet=max(0, (level - logging.INFO) // 10))
-    logs.name_process(name)
-    models.connect(config.database.url, migrate=False)
-    try:
-        while True:
-            try:
-                objects = pipe.recv()
-            except (EOFError, OSError):  # the caller is gone
-                return
-            if objects is None:
-                return
-            outcomes = [_portable(o) if isinstance(o, Exception) else o
-                        for o in ingest_objects(objects, config)]
-            try:
-                pipe.send(outcomes)
-            except OSError:  # the caller is gone: what was committed stays committed
-                return
-    finally:
-        models.disconnect()
-
-
-def _portable(exc: Exception) -> Exception:
-    """An exception the caller can unpickle, still telling an outage (``is_unavailable``)
-    from a fault of the object."""
-    kind = Unavailable if is_unavailable(exc) else RuntimeError
-    return kind(f"{type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from python_multipart.multipart import MultipartParser
 
-from .archive import quick_digest
+from .archive import quick_digest, start_write_back
 from .errors import Refused
 
 DICOM = "application/dicom"
@@ -169,6 +169,7 @@ class PartsToFiles:
 
     def _end(self) -> None:
         self._write_held()
+        start_write_back(self._fd)  # (each part is an original the ingest will make durable)
         os.close(self._fd)
         self._fd = None
         if self.on_part is not None:

@@ -394,10 +394,10 @@ class Replication:
     folder: Path | None = None
     pool: ThreadPoolExecutor | None = None
     stopping: threading.Event | None = None
-    ingester: IngestProcess | None = None  # started when something is first to be fetched
+    ingester: IngestProcess | None = None  # started as the run begins, if a study is found
     ahead: tuple | None = None  # (the next study, its listing or the SourceError it ended in)
 
-    def _ingest_process(self) -> IngestProcess:
+    def ingest_process(self) -> IngestProcess:
         if self.ingester is None:
             self.ingester = IngestProcess(self.config, "replicate-ingest")
         return self.ingester
@@ -460,8 +460,6 @@ class Replication:
         wanted = collections.defaultdict(list)
         for item in missing:
             wanted[item.series].append(item)
-        if missing:
-            self._ingest_process()  # (started now: its start-up overlaps the first fetches)
         fetcher = _Fetcher(self.source, self.folder, self.pool)
         for series, items in wanted.items():
             if len(items) == in_series[series] and len(items) > 1:
@@ -530,7 +528,7 @@ class Replication:
         try:
             objects = [dict(path=fetched.path, origin=origin, sop_instance_uid=sop, study_uid=study,
                             digests=(fetched.sha256, fetched.xxh3)) for _, fetched, sop in taken]
-            outcomes = self._ingest_process().ingest(objects) if objects else []
+            outcomes = self.ingest_process().ingest(objects) if objects else []
         finally:
             for _, fetched, _ in taken:  # (the archive has their inodes, or rejected_dir copies)
                 fetched.path.unlink(missing_ok=True)
@@ -712,6 +710,8 @@ def replicate(config: Config, url: str, token: str | None = None, studies=(), si
             found = [uid for uid, _ in uids if uid]
             following = dict(zip(found, found[1:]))  # {study: the one replicated after it}
             try:
+                if found:  # (its start-up, half a second of imports, overlaps the first listing)
+                    run.ingest_process()
                 reports = []
                 for uid, wanted in uids:
                     if stopping is not None and stopping.is_set():
