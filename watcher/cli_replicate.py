@@ -44,7 +44,7 @@ def replicate(config_path, url, token, studies, since, target, as_json):
 
     Example: dicom-watcher replicate --from http://pacs:8042/dicom-web/ --since 2026-01-01 --to trial-a
     """
-    from .pipeline import is_unavailable
+    from .outcome import is_unavailable
     from .replicate import SourceError, os_user, replicate as replicating
     config = _open(config_path)
     try:

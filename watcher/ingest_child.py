@@ -58,7 +58,7 @@ def _portable(exc: Exception) -> Exception:
     """An exception the caller can unpickle, still telling an outage (``is_unavailable``)
     from a fault of the object."""
     from .errors import Unavailable
-    from .pipeline import is_unavailable
+    from .outcome import is_unavailable
 
     kind = Unavailable if is_unavailable(exc) else RuntimeError
     return kind(f"{type(exc).__name__}: {exc}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import timings
 from .config import Config
 from .errors import Unavailable
-from .pipeline import Outcome, is_timed
+from .outcome import Outcome, is_timed
 
 LOGGER = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent

@@ -10,41 +10,21 @@ few times before the file is rejected as ``error``.
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import peewee
 
 from . import archive, beneath, catalog, claims, discs, dispose, models, stage, timings
 from .commit import commit_all, commit_now
 from .config import Config
 from .errors import Busy, CannotDispose, NotReady, Rejected, Unavailable
 from .names import to_text
+from .outcome import Outcome, is_timed, is_unavailable
 from .source import Source
 from .validate import validate
 
 LOGGER = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    outcome: str  # imported, duplicate, dicomdir (a disc's index, kept), rejected, pending, retry,
-    #               claimed, vanished
-    source: str
-    sop_instance_uid: str | None = None
-    sha256: str | None = None
-    reason: str | None = None
-    detail: str = ""
-    ms: float = 0.0
-    undisposed: str = ""  # recorded, but the file could not be removed or moved: the error
-    again: bool = False  # the name now holds another version (or a writer waits): look again
-    waiting: str = ""  # why a pending file waits: incomplete, open-for-writing, changing, cannot-dispose
-    sop_class_uid: str | None = None  # (ingest_object: what an intake answers its sender with)
-    study_uid: str | None = None
 
 
 def ingest(path: Path, config: Config, final: bool = False, attempt: int = 1,
@@ -418,23 +398,9 @@ def _reject(source: Source | None, rel: str, reason: str, detail: str, config: C
     return Outcome("rejected", recorded_as or rel, sha256=sha256, reason=reason, detail=detail)
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    """Trouble that is not the file's fault: wait and try again, leave the file alone."""
-    if isinstance(exc, Unavailable):
-        return True
-    if isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
-        return True
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
 def _timed(outcome: Outcome, started: float) -> Outcome:
     ms = (time.monotonic() - started) * 1000
     return dataclasses.replace(outcome, source=to_text(outcome.source), ms=round(ms, 1))
-
-
-def is_timed(o: Outcome) -> bool:
-    """An end of an import (not a file left for later), whose time ``IMPORTS`` counts."""
-    return o.outcome not in ("pending", "claimed", "retry")
 
 
 def _log(o: Outcome) -> None:

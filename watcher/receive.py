@@ -32,7 +32,8 @@ from . import archive, models, ports, source, statuses
 from .config import Config
 from .errors import Busy, Unavailable
 from .origin import from_dicom
-from .pipeline import ingest_object, is_unavailable
+from .outcome import is_unavailable
+from .pipeline import ingest_object
 from .statuses import OUT_OF_RESOURCES, SUCCESS
 
 LOGGER = logging.getLogger(__name__)

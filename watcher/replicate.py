@@ -45,7 +45,7 @@ from .ingest_process import IngestProcess
 from .models import IMPORT, IMPORT_ID, Event, Instance, utcnow
 from .multipart import BadBody, PartsToFiles, boundary_of
 from .origin import from_replication
-from .pipeline import is_unavailable
+from .outcome import is_unavailable
 from .studies import databases
 from .studies.distribute import distribute
 

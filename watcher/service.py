@@ -39,7 +39,8 @@ from .config import Config
 from .discs import warn_incomplete
 from .errors import Unavailable
 from .names import to_text
-from .pipeline import dispose_recorded, ingest_together, is_unavailable
+from .outcome import is_unavailable
+from .pipeline import dispose_recorded, ingest_together
 from .studies.routine import Routine
 from .schedule import Schedule
 from .troubles import Troubles

@@ -13,7 +13,7 @@ _FOR_REASON = {"meta-mismatch": DOES_NOT_MATCH, "conflict": CONFLICT}
 
 
 def of(outcome) -> int:
-    """The status of a ``pipeline.Outcome``: success for imported or duplicate."""
+    """The status of a ``outcome.Outcome``: success for imported or duplicate."""
     if outcome.outcome in ("imported", "duplicate"):
         return SUCCESS
     return _FOR_REASON.get(outcome.reason, CANNOT_UNDERSTAND)

@@ -25,7 +25,8 @@ from .errors import Rejected, Unavailable
 from .models import IMPORT, Instance
 from .multipart import Part
 from .origin import from_upload
-from .pipeline import ingest_object, is_unavailable
+from .outcome import is_unavailable
+from .pipeline import ingest_object
 
 LOGGER = logging.getLogger(__name__)
 
