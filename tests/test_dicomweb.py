@@ -90,6 +90,9 @@ def test_wado_returns_the_stored_originals_byte_identical(site):
                      headers={"Accept": f"{RELATED}; transfer-syntax=*"})
     assert whole.status_code == 200, whole.text
     assert sorted(parts_of(whole)) == originals
+    # its length said up front, not sent in chunks
+    assert int(whole.headers["content-length"]) == len(whole.content), whole.headers
+    assert "transfer-encoding" not in whole.headers, whole.headers
     [series] = site.get(f"/dicom-web/trial-a/studies/{site.a_study}/series", rita).json()
     series_uid = value(series, "0020000E")
     assert sorted(parts_of(site.get(f"/dicom-web/trial-a/studies/{site.a_study}/series/{series_uid}",

@@ -7,7 +7,7 @@ import random
 import pytest
 import xxhash
 
-from watcher.multipart import CHUNK, BadBody, PartsToFiles, body, new_boundary
+from watcher.multipart import CHUNK, BadBody, PartsToFiles, body, body_length, new_boundary
 
 
 def pieces(data: bytes, rng: random.Random):
@@ -33,6 +33,13 @@ def test_parts_fed_in_pieces_of_any_size_are_written_and_hashed_whole(tmp_path, 
     assert [p.size for p in found] == [len(o) for o in originals]
     assert [p.sha256 for p in found] == [hashlib.sha256(o).hexdigest() for o in originals]
     assert [p.xxh3 for p in found] == [xxhash.xxh3_128(o).hexdigest() for o in originals]
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 0, 5], [CHUNK + 3, 17]])
+def test_a_body_is_as_long_as_its_length_says_before_it_is_made(sizes):
+    boundary = new_boundary()
+    data = b"".join(body([[b"x" * n] for n in sizes], boundary))
+    assert len(data) == body_length(sizes, boundary)
 
 
 def test_a_body_cut_short_mid_part_is_refused_and_its_part_removed(tmp_path):

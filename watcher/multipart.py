@@ -199,13 +199,27 @@ def new_boundary() -> str:
 
 def body(parts, boundary: str, part_type: str = DICOM):
     """The bytes of a ``multipart/related`` body, a chunk at a time; ``parts`` yields each
-    part's chunks (an iterable of iterables, read lazily)."""
-    head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+    part's chunks (an iterable of iterables, read lazily). A part's end and the next one's
+    head go as one chunk."""
+    head, end, last = _delimiters(boundary, part_type)
+    before = b""
     for chunks in parts:
-        yield head
+        yield before + head
         yield from chunks
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+        before = end
+    yield before + last
+
+
+def body_length(sizes: list[int], boundary: str, part_type: str = DICOM) -> int:
+    """The length of ``body`` with parts of ``sizes`` bytes."""
+    head, end, last = _delimiters(boundary, part_type)
+    return sum(sizes) + len(sizes) * (len(head) + len(end)) + len(last)
+
+
+def _delimiters(boundary: str, part_type: str) -> tuple[bytes, bytes, bytes]:
+    """(a part's head, a part's end, the body's end)."""
+    return (f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode(), b"\r\n",
+            f"--{boundary}--\r\n".encode())
 
 
 def file_chunks(path):

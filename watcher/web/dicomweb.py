@@ -82,9 +82,14 @@ def router(web) -> APIRouter:
                                     f"in {db!r}")
         _check_accept(request.headers.get("accept", ""), {syntax for *_, syntax in found})
         boundary = multipart.new_boundary()
-        parts = (read_original(archive_dir, stored, sha, xxh3) for stored, sha, xxh3, _, _ in found)
+        parts = (read_original(archive_dir, stored, sha, xxh3, size)
+                 for stored, sha, xxh3, size, _ in found)
+        # Its length said up front: the body goes as it is, not in chunks that the server would
+        # copy each original into and the client take apart again.
+        length = multipart.body_length([size for _, _, _, size, _ in found], boundary)
         return StreamingResponse(sent_ahead(multipart.body(parts, boundary)), media_type=(
-            f'multipart/related; type="{multipart.DICOM}"; boundary={boundary}'))
+            f'multipart/related; type="{multipart.DICOM}"; boundary={boundary}'),
+            headers={"Content-Length": str(length)})
 
     @dw.get("/studies/{study}", summary="WADO-RS: a study's originals")
     def retrieve_study(request: Request, db: str, study: str):

@@ -50,9 +50,11 @@ class DamagedOriginal(Exception):
     """An original is missing or its bytes no longer match its checksum: the download ends."""
 
 
-def read_original(archive_dir: Path, stored: str, sha256: str, xxh3: str | None = None):
+def read_original(archive_dir: Path, stored: str, sha256: str, xxh3: str | None = None,
+                  size: int | None = None):
     """An original's bytes, a chunk at a time, checked as they are read: ``DamagedOriginal``
-    (after the last chunk, or at once when it cannot be read) if they no longer match.
+    (after the last chunk, or at once when it cannot be read, or is not ``size`` bytes long)
+    if they no longer match.
 
     Checked against ``xxh3`` (archive.quick_digest: costs the sending almost nothing), or for
     rows from before it (NULL), against the sha256."""
@@ -64,8 +66,12 @@ def read_original(archive_dir: Path, stored: str, sha256: str, xxh3: str | None 
                      stored, exc.strerror)
         raise DamagedOriginal(stored) from None
     with src:
-        slow = not xxh3 and os.fstat(src.fileno()).st_size > CHUNK
-        yield from _hashing(_read_ahead(src), digest, in_thread=slow)
+        found = os.fstat(src.fileno()).st_size
+        if size is not None and found != size:
+            LOGGER.error("download stopped: the original %s holds %d bytes, not its %d; run verify",
+                         stored, found, size)
+            raise DamagedOriginal(stored)
+        yield from _hashing(_read_ahead(src), digest, in_thread=not xxh3 and found > CHUNK)
     if digest.hexdigest() != expected:
         LOGGER.error("download stopped: the original %s no longer matches its checksum; "
                      "run verify", stored)
