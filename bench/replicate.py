@@ -73,10 +73,11 @@ class Plan:
     small_count: int = 2_000
     small_side: int = 500  # rows = columns: 500 x 500 x 2 bytes, ~0.5 MB an instance
     large_size: int = 2_000_000_000
+    rounds: int = 3  # small from dicom-watcher, each round after a 2-process limit of its own
 
 
 FULL = Plan()
-QUICK = Plan(small_count=200, large_size=200_000_000)
+QUICK = Plan(small_count=200, large_size=200_000_000, rounds=1)
 
 
 def _load() -> float:
@@ -434,11 +435,16 @@ def measure(scratch: Path, quick: bool = False, log_dir: Path | None = None,
         else:
             LOGGER.warning("skipping Orthanc: %s", why_no_orthanc)
         limits = work / "limit-copy"
-        for procs in (1, 2):
-            rows.append(copy_limit(inputs.small, limits, "replicate small", procs, "before"))
         rows.append(copy_limit([inputs.large], limits, "replicate large", 1, "before"))
-        rows.append(replicate_once(source, inputs.small_studies, inputs.small, inputs, work / "target-small-w",
-                                   log_dir, "small-from-watcher"))
+        rows.append(copy_limit(inputs.small, limits, "replicate small", 1, "before"))
+        for round_ in range(1, plan.rounds + 1):  # (this machine's speed drifts minute to minute)
+            limit = copy_limit(inputs.small, limits, "replicate small", 2, "before" if round_ == 1 else
+                               f"round {round_}")
+            row = replicate_once(source, inputs.small_studies, inputs.small, inputs,
+                                 work / "target-small-w", log_dir, "small-from-watcher")
+            row.update(round=round_, paired_limit_files_per_s=limit["files_per_s"],
+                       vs_paired_limit=round(row["mb_per_s"] / limit["mb_per_s"], 3))
+            rows += [limit, row]
         if orthanc is not None:
             rows.append(replicate_once(orthanc, inputs.small_studies, inputs.small, inputs,
                                        work / "target-small-o", log_dir, "small-from-orthanc"))
@@ -486,6 +492,15 @@ def add_limits(rows: list[dict]) -> None:
 
 # -- the table ------------------------------------------------------------------------------------
 
+def _median_round(rounds: list[dict]) -> dict | None:
+    """The round whose ratio to its own limit is the median (the lower middle of an even
+    count), with its limit in MB/s."""
+    if not rounds:
+        return None
+    middle = sorted(rounds, key=lambda r: r["vs_paired_limit"])[(len(rounds) - 1) // 2]
+    return middle | {"paired_limit_mb_per_s": middle["mb_per_s"] / middle["vs_paired_limit"]}
+
+
 def _met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -496,7 +511,8 @@ def table(rows: list[dict]) -> str:
         if row.get("skipped") or row["corpus"] == "context" or row["what"] == "generate":
             continue
         load = row.get("load_1m") or [None, None]
-        lines.append((row.get("case") or row["what"], row["what"], row["procs"], row["files"],
+        case = row.get("case") or row["what"]
+        lines.append((f"{case} #{row['round']}" if row.get("round") else case, row["what"], row["procs"], row["files"],
                       round(row["bytes"] / 1e6), row["seconds"], row["files_per_s"], row["mb_per_s"],
                       f"{row['vs_limit'] * 100:.0f} %" if row.get("vs_limit") is not None else None,
                       row.get("again_seconds"), row.get("net_files_per_s"),
@@ -510,18 +526,26 @@ def table(rows: list[dict]) -> str:
     out = _table(headers, lines)
     by_case = {r.get("case"): r for r in rows if r.get("case")}
     notes = []
-    small, large = by_case.get("small-from-watcher"), by_case.get("large-from-watcher")
-    if small and small.get("vs_limit") is not None:
-        net = small["net_mb_per_s"] / small["limit_mb_per_s"] if small.get("net_mb_per_s") else 0
+    large = by_case.get("large-from-watcher")
+    rounds = [r for r in rows if r.get("case") == "small-from-watcher" and r.get("vs_limit") is not None]
+    small = _median_round(rounds)
+    if small:
+        net = small["net_mb_per_s"] / small["paired_limit_mb_per_s"] if small.get("net_mb_per_s") else 0
+        each = "; ".join(f"round {r['round']}: {_cell(r['files_per_s'])} instances/s, "
+                         f"{r['vs_paired_limit'] * 100:.0f} % of {_cell(r['paired_limit_files_per_s'])}"
+                         for r in rounds)
+        strict = sorted(r["vs_limit"] for r in rounds)[len(rounds) // 2]
         notes.append(
-            f"small from dicom-watcher: {_cell(small['files_per_s'])} instances/s, "
-            f"{_cell(small['mb_per_s'])} MB/s = {small['vs_limit'] * 100:.0f} % of the durable-copy limit "
-            f"({small['limit']}: {_cell(small['limit_files_per_s'])} files/s, "
-            f"{_cell(small['limit_mb_per_s'])} MB/s; {small['vs_limit_1proc'] * 100:.0f} % of the 1-process "
-            f"copy; net of start-up and listing, {_cell(small['net_files_per_s'])} instances/s = "
+            f"small from dicom-watcher, {len(rounds)} rounds, each against the 2-process durable-copy "
+            f"limit measured just before it ({each}). The median round: {_cell(small['files_per_s'])} "
+            f"instances/s, {_cell(small['mb_per_s'])} MB/s = {small['vs_paired_limit'] * 100:.0f} % of its "
+            f"limit (net of start-up and listing, {_cell(small['net_files_per_s'])} instances/s = "
             f"{net * 100:.0f} %; CPU per instance: replicate {small['replicate_cpu_ms_per_instance']} ms, "
-            f"source {small['source_cpu_ms_per_instance']} ms); target ≥ {TARGET_VS_LIMIT * 100:.0f} %: "
-            f"{_met(small['vs_limit'] >= TARGET_VS_LIMIT)}")
+            f"source {small['source_cpu_ms_per_instance']} ms). Against the highest limit of the whole run "
+            f"({small['limit']}: {_cell(small['limit_files_per_s'])} files/s), the median round is "
+            f"{strict * 100:.0f} %, and against the 1-process copy {small['vs_limit_1proc'] * 100:.0f} %. "
+            f"Target ≥ {TARGET_VS_LIMIT * 100:.0f} % (the median round against its own limit): "
+            f"{_met(small['vs_paired_limit'] >= TARGET_VS_LIMIT)}")
     orthanc = by_case.get("small-from-orthanc")
     if small and orthanc:
         notes.append(

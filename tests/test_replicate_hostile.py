@@ -623,6 +623,22 @@ def test_the_ingest_process_ends_quietly_when_its_caller_vanishes_with_a_reply_u
     assert "Traceback" not in err and code == 0, (code, err[-1500:])
 
 
+def test_an_ingest_process_given_nothing_is_stopped_at_once_and_one_given_a_batch_finishes_it(site):
+    """Started as a run begins, before anything is known to be missing: a run that finds
+    everything present kills it (it has nothing to finish); one that gave it a batch lets it
+    end by itself, its batch answered."""
+    from watcher.ingest_process import IngestProcess
+    idle = IngestProcess(site.config, "idle")
+    idle.close()
+    assert idle._process.returncode == -signal.SIGKILL
+    used = IngestProcess(site.config, "used")
+    try:
+        assert used.ingest([]) == []
+    finally:
+        used.close()
+    assert used._process.returncode == 0
+
+
 def test_kill_9_mid_run_with_to_then_again_moves_every_instance_exactly_once(site, tmp_path):
     from watcher.models import StudyDatabase
     site.cli("databases", "create", "trial-a")

@@ -37,9 +37,11 @@ STOP_SECONDS = 30.0  # for the batch in hand to be committed, when the run ends
 
 class IngestProcess:
     """``ingest(objects)``: ``ingest_objects(objects, config)`` in the child, started at once
-    (its start-up overlaps what the caller does next); ``close()`` ends it."""
+    (its start-up overlaps what the caller does next); ``close()`` ends it: once it has
+    finished its batch, or at once (killed) if it was never given one."""
 
     def __init__(self, config: Config, name: str = "ingest"):
+        self._used = False  # given a batch
         self._pipe, theirs = multiprocessing.Pipe()
         sqlite = config.database.url.startswith("sqlite:")
         try:
@@ -63,6 +65,7 @@ class IngestProcess:
     def ingest(self, objects: list[dict]) -> list:
         """In order, each object's Outcome or the exception that stopped it. ``Unavailable``
         if the child is gone (what it committed of this batch, a run again finds present)."""
+        self._used = True
         try:
             self._pipe.send(objects)
             outcomes = self._pipe.recv()
@@ -81,6 +84,8 @@ class IngestProcess:
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def close(self) -> None:
+        if not self._used:  # (still loading, most likely: it has nothing to finish)
+            self._process.kill()
         try:
             self._pipe.send(None)
         except OSError:

@@ -5,6 +5,7 @@ WADO-RS answers (written here from files; read here by a replication). The parsi
 python-multipart's; this module only says where each part's bytes go.
 """
 
+import functools
 import hashlib
 import os
 import secrets
@@ -25,8 +26,10 @@ class BadBody(Refused):
     """Not a multipart/related body we can read (400), or one cut short."""
 
 
+@functools.lru_cache(maxsize=64)  # (each part of an answer says the same: parsed once)
 def media_type(content_type: str) -> tuple[str, dict]:
-    """(``multipart/related``, its parameters in lower case keys) of a Content-Type value."""
+    """(``multipart/related``, its parameters in lower case keys) of a Content-Type value.
+    The parameters are the cache's own: not to be changed."""
     message = Message()
     message["content-type"] = content_type or ""
     params = {k.lower(): collapse_rfc2231_value(v) for k, v in message.get_params(failobj=[])[1:]}
