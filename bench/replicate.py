@@ -544,8 +544,8 @@ def table(rows: list[dict]) -> str:
             f"source {small['source_cpu_ms_per_instance']} ms). Against the highest limit of the whole run "
             f"({small['limit']}: {_cell(small['limit_files_per_s'])} files/s), the median round is "
             f"{strict * 100:.0f} %, and against the 1-process copy {small['vs_limit_1proc'] * 100:.0f} %. "
-            f"Target ≥ {TARGET_VS_LIMIT * 100:.0f} % (the median round against its own limit): "
-            f"{_met(small['vs_paired_limit'] >= TARGET_VS_LIMIT)}")
+            f"Target ≥ {TARGET_VS_LIMIT * 100:.0f} % (the median round, against its own limit and "
+            f"against the highest): {_met(min(small['vs_paired_limit'], strict) >= TARGET_VS_LIMIT)}")
     orthanc = by_case.get("small-from-orthanc")
     if small and orthanc:
         notes.append(
