@@ -322,7 +322,6 @@ def _place(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-
 RESERVE_BYTES = 1 << 30  # what an object that arrives may never take of the archive's disk
 
 
