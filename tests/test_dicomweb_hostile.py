@@ -520,6 +520,29 @@ def test_wado_of_a_damaged_original_never_hands_it_out_as_good(site, db, damage)
             parts_of(answer)  # not a whole multipart body either
 
 
+def test_an_original_cut_short_while_wado_sends_it_never_arrives_whole(site, db):
+    """The answer's length is said before its originals are read: one truncated on disk (an
+    administrator's mistake, a failing disk) while it is being sent ends the answer short of
+    that length, and the client is told; it never gets a body it could take for whole."""
+    data = write(site.made / "cut-mid.dcm", ct(rows=3000, columns=3000, patient_id="CUT-MID")).read_bytes()
+    assert stow(site, "/dicom-web/trial-a/studies", [data], "wendy").status_code == 200
+    [row] = rows_of_patient("CUT-MID")
+    path = site.config.archive.dir / row.stored_path
+    study, _, _ = uids_of(data)
+    got = 0
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", f"{site.url}/dicom-web/trial-a/studies/{study}", headers=auth(site, "rita"),
+                          timeout=30) as answer:
+            assert answer.status_code == 200
+            declared = int(answer.headers["content-length"])
+            for chunk in answer.iter_raw(65536):
+                if not got:  # its first bytes are here: the rest of it is cut off on disk
+                    path.chmod(0o644)
+                    os.truncate(path, len(data) // 4)
+                got += len(chunk)
+    assert got < declared, (got, declared)
+
+
 # -- replication from a lying source -----------------------------------------------------------------
 
 class LyingSource:
