@@ -137,20 +137,25 @@ def test_stalled_commit_is_reported_once_and_its_end_too(tmp_path, caplog, monke
     caplog.set_level(logging.INFO)
     with Service(cfg) as service:
         holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-            import sqlite3, sys, time
+            import sqlite3, sys
             c = sqlite3.connect({str(db)!r}, isolation_level=None)
             c.execute("BEGIN IMMEDIATE")
             c.execute("CREATE TABLE IF NOT EXISTS lock_holder (x)")
             print("locked", flush=True)
-            time.sleep(4)
+            sys.stdin.readline()  # (held until the test has seen the stall, however slow the machine)
             c.execute("COMMIT")
-        """)], stdout=subprocess.PIPE, text=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "locked"
         write(cfg.watch.drop_dir / "a.dcm")
-        assert wait_for(lambda: (service._check_stalled(), "stalled" in service.troubles)[1], timeout=10, step=0.2)
+        try:
+            assert wait_for(lambda: (service._check_stalled(), "stalled" in service.troubles)[1], timeout=30, step=0.2)
+        finally:
+            holder.stdin.write("go\n")
+            holder.stdin.close()
         assert wait_for(lambda: Instance.select().count() == 1, timeout=40)
-        service._check_stalled()
-        assert "stalled" not in service.troubles
+        # (the worker marks its import done just after the commit the count sees)
+        assert wait_for(lambda: (service._check_stalled(), "stalled" not in service.troubles)[1],
+                        timeout=10, step=0.1)
     holder.wait(timeout=30)
     stalled = messages(caplog, logging.WARNING, "paused: an import has waited")
     assert len(stalled) == 1, stalled
